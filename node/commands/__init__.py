@@ -1,0 +1,1 @@
+"""Commands of the `petriage` CLI, one module each."""

@@ -1,0 +1,218 @@
+"""The node's configuration: loaded and validated once, YAML, then environment, then command line.
+
+Sources, later ones winning:
+
+1. the embedded defaults (the models below; ``config.yaml`` in the repository shows them, commented);
+2. a YAML file: ``--config FILE``, else the ``PETRIAGE_CONFIG`` variable, else none;
+3. environment variables ``PETRIAGE__SECTION__KEY=value`` (value parsed as YAML, e.g. ``[a, b]``);
+4. command-line overrides ``--set section.key=value``.
+
+Relative paths in a file are taken relative to that file's folder, so a unit or a cron job finds the
+same files whatever its working directory; with no file they are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from node.errors import ConfigError
+
+ENV_FILE = "PETRIAGE_CONFIG"
+ENV_PREFIX = "PETRIAGE__"
+
+
+def _ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or not value.strip():
+        raise ValueError("an AE title of 1-16 characters, not all spaces")
+    if re.search(r"[\\\x00-\x1f\x7f]", value):
+        raise ValueError("an AE title without backslashes or control characters")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM listener."""
+
+    ae_title: AETitle = "PETRIAGE"
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for modalities on the network
+    port: Port = 11112
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+
+
+class StorageSettings(_Section):
+    """Where the node keeps its spool, database, outbox and logs."""
+
+    root: Path = Path("./var")
+
+
+class StudySettings(_Section):
+    """When a study counts as completely received."""
+
+    quiet_seconds: float = Field(default=20.0, gt=0)
+    max_wait_seconds: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_wait_covers_quiet(self) -> StudySettings:
+        if self.max_wait_seconds < self.quiet_seconds:
+            raise ValueError(f"max_wait_seconds ({self.max_wait_seconds}) at least quiet_seconds "
+                             f"({self.quiet_seconds})")
+        return self
+
+
+class ModelSettings(_Section):
+    """The model bundle and where it runs."""
+
+    bundle: Path = Path("models/demo")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Destination(_Section):
+    """A DICOM peer that receives the results (usually the PACS)."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _default_destinations() -> list[Destination]:
+    return [Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)]
+
+
+class Config(_Section):
+    """Every setting of the node."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    destinations: list[Destination] = Field(default_factory=_default_destinations)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> Config:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names that are unique (repeated: {', '.join(dupes)})")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = [k for k in dotted.split(".") if k]
+    if not keys:
+        raise ConfigError(f"{source}: empty key")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _parse_value(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: cannot parse value {text!r}: {exc}") from exc
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown setting (value {err['input']!r}); check the spelling")
+            continue
+        expected = msg.removeprefix("Value error, ").removeprefix("Input should be ")
+        lines.append(f"  {key}: got {err['input']!r}; expected {expected}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for section, key in (("storage", "root"), ("model", "bundle")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
+
+
+def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None,
+                overrides: Iterable[str] = ()) -> Config:
+    """Load, merge and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        YAML file; when None, ``$PETRIAGE_CONFIG`` if set, else embedded defaults only.
+    environ
+        Environment to read (``os.environ`` when None).
+    overrides
+        ``section.key=value`` strings from the command line.
+
+    Raises
+    ------
+    ConfigError
+        With every offending key, the value given and what was expected.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_FILE):
+        path = environ[ENV_FILE]
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        path = Path(path)
+        data = _read_file(path)
+        _resolve_paths(data, path.parent)
+        source = str(path)
+    for name, text in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            _set_path(data, dotted, _parse_value(text, name), f"environment {name}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set_path(data, key.strip(), _parse_value(text, f"--set {key}"), f"--set {key}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
