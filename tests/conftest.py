@@ -1,0 +1,116 @@
+"""Shared fixtures: real DICOM peers (skip with a reason on a laptop, fail under CI=true), free ports,
+a real Orthanc, and small phantom studies generated once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from node.phantom import PhantomOptions, PhantomStudy, generate_study
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+
+#: Small enough for a fast suite, fine enough for segmental emboli to show.
+SMALL = PhantomOptions(matrix=128, slices=48, slice_spacing_mm=6.0)
+
+
+def require_peer(available: bool, what: str) -> None:
+    """Skip (developer machine) or fail (CI) when a real peer is missing."""
+    if available:
+        return
+    message = f"{what} is not installed (make test installs it with apt-get)"
+    if IN_CI:
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    require_peer(path is not None, name)
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class OrthancServer:
+    ae_title: str
+    dicom_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=10) as resp:  # noqa: S310 - loopback only
+            return json.loads(resp.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:  # noqa: S310
+            return resp.read()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A real Orthanc on free loopback ports, with TCP_NODELAY=1 (DCMTK crawls without it)."""
+    require_peer(ORTHANC is not None, "Orthanc")
+    server = OrthancServer("ORTHANC", free_port(), free_port())
+    config = {
+        "Name": "petriage-test", "StorageDirectory": str(tmp_path / "orthanc-db"),
+        "IndexDirectory": str(tmp_path / "orthanc-db"), "DicomAet": server.ae_title,
+        "DicomPort": server.dicom_port, "HttpPort": server.http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+        "DicomModalities": {}, "HttpServerEnabled": True, "StableAge": 1,
+    }
+    cfg = tmp_path / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    log = (tmp_path / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                server.get("/system")
+                break
+            except OSError as exc:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (tmp_path / "orthanc.log").read_text()[-2000:]
+                    raise RuntimeError(f"Orthanc did not start: {tail}") from exc
+                time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def positive_study() -> PhantomStudy:
+    return generate_study(101, pe=True, options=SMALL)
+
+
+@pytest.fixture(scope="session")
+def negative_study() -> PhantomStudy:
+    return generate_study(202, pe=False, options=SMALL)

@@ -1,0 +1,36 @@
+"""`petriage phantom` and `petriage demo`, run as a user would (through main)."""
+
+from __future__ import annotations
+
+import csv
+
+from node.cli import main
+
+
+def test_phantom_command_writes_an_rsna_dataset_and_says_where(tmp_path, capsys):
+    code = main(["phantom", "--out", str(tmp_path), "--studies", "2", "--seed", "4", "--matrix", "64",
+                 "--slices", "20", "--slice-spacing", "15", "--transfer-syntax", "rle", "--order", "reversed"])
+    assert code == 0
+    assert "wrote 2 studies" in capsys.readouterr().out
+    with (tmp_path / "train.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 40
+
+
+def test_phantom_command_refuses_bad_options_with_exit_code_2_and_no_traceback(tmp_path, capsys):
+    assert main(["phantom", "--out", str(tmp_path), "--transfer-syntax", "jpeg-xl"]) == 2
+    err = capsys.readouterr().err
+    assert "transfer syntax 'jpeg-xl'" in err and "Traceback" not in err
+    assert main(["phantom", "--out", str(tmp_path), "--positive-fraction", "1.5"]) == 2
+    assert main(["phantom", "--out", str(tmp_path), "--companions", "mri"]) == 2
+    assert not (tmp_path / "train.csv").exists()
+
+
+def test_demo_makes_validates_and_shows_a_positive_and_a_negative_study(tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path), "--matrix", "96", "--slices", "30"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "PE-positive" in printed and "PE-negative" in printed
+    pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert "positive-overlay.png" in pngs and "negative-axial.png" in pngs
+    # per study: CTPA, scout, lung (10 mm slabs here), non-contrast (5 mm)
+    assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 2 * (30 + 1 + 30 + 60)
