@@ -65,6 +65,14 @@ def _box(grid: Grid, lo: np.ndarray, hi: np.ndarray):
     return ((sz, sy, sx), grid.xs[sx][None, None, :], grid.ys[sy][None, :, None], grid.zs[sz][:, None, None])
 
 
+def blend(hu: np.ndarray, labels: np.ndarray, region, f: np.ndarray, value, code: Structure) -> None:
+    """Mix a structure into a region by its partial-volume fraction ``f`` (broadcast over the region);
+    voxels it fills at least half take its label."""
+    sub = hu[region]
+    sub += (value - sub) * f
+    labels[region][np.broadcast_to(f >= 0.5, sub.shape)] = int(code)
+
+
 def _segment_fraction(x, y, z, p0, p1, r0, r1, h):
     """Partial-volume fraction of a tapered capsule from p0 to p1, and the axial parameter t."""
     d = p1 - p0
@@ -83,9 +91,7 @@ class _Painter:
         self.h = grid.pixel_mm
 
     def blend(self, region, f, hu, code: Structure) -> None:
-        sub = self.hu[region]
-        sub += (hu - sub) * f
-        self.labels[region][f >= 0.5] = int(code)
+        blend(self.hu, self.labels, region, f, hu, code)
 
     def ellipsoid(self, e: Ellipsoid, hu: float, pad: float = 0.0) -> None:
         radii = e.radii + pad
@@ -191,9 +197,7 @@ class _SliceCanvas:
         self.hu, self.labels, self.grid, self.h = hu, labels, grid, grid.pixel_mm
 
     def put(self, region, f: np.ndarray, value, code: Structure) -> None:
-        sub = self.hu[region]
-        sub += (value - sub) * f
-        self.labels[region][np.broadcast_to(f >= 0.5, self.labels[region].shape)] = int(code)
+        blend(self.hu, self.labels, region, f, value, code)
 
     def ellipse(self, cx: float, cy: float, a: float, b: float, value, code: Structure, *,
                 k: int | slice = slice(None), cut=None) -> None:
