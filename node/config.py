@@ -139,6 +139,25 @@ def _parse_value(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: cannot parse value {text!r}: {exc}") from exc
 
 
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> None:
+    """Merge ``section.key=value`` strings (values parsed as YAML) into a nested mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set_path(data, key.strip(), _parse_value(text, f"--set {key}"), f"--set {key}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping, or a ConfigError saying what is wrong with it."""
+    return _read_file(path)
+
+
+def describe(exc: ValidationError, source: str) -> str:
+    """Every error of a pydantic validation as 'key: got value; expected ...' lines."""
+    return _describe(exc, source)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -207,11 +226,7 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
             _set_path(data, dotted, _parse_value(text, name), f"environment {name}")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _set_path(data, key.strip(), _parse_value(text, f"--set {key}"), f"--set {key}")
+    apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

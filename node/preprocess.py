@@ -1,0 +1,137 @@
+"""The one definition of preprocessing, shared by training and inference (numpy only).
+
+HU slices are centre-cropped (or padded with air) to a square field of ``field_mm`` millimetres, when
+set, then resampled to ``size`` x ``size`` with an area (box) filter and become ``len(windows)``
+channels, each the slice seen through one display window scaled to 0-255. The spec is a plain value that
+travels in the model bundle, so the node preprocesses exactly as the model was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from node.errors import NodeError
+
+
+class PreprocessError(NodeError):
+    """A preprocessing spec or input that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How slices are turned into model input."""
+
+    #: (centre, width) in HU of each channel: PE window, mediastinal window, lung window.
+    windows: tuple[tuple[float, float], ...] = ((100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0))
+    size: int = 192
+    field_mm: float | None = None  # square field of view kept around the image centre; None keeps all
+    resample: str = "area"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.windows or any(w <= 0 for _, w in self.windows):
+            raise PreprocessError(f"windows need positive widths, got {self.windows}")
+        if not 16 <= self.size <= 1024:
+            raise PreprocessError(f"size {self.size} is outside 16-1024")
+        if self.field_mm is not None and not 50.0 <= self.field_mm <= 1000.0:
+            raise PreprocessError(f"field_mm {self.field_mm} is outside 50-1000")
+        if self.resample != "area" or self.version != 1:
+            raise PreprocessError(f"unknown preprocessing (resample={self.resample!r}, version={self.version})")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["windows"] = [list(w) for w in self.windows]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        try:
+            field = data.get("field_mm")
+            return cls(windows=tuple((float(c), float(w)) for c, w in data["windows"]), size=int(data["size"]),
+                       field_mm=None if field is None else float(field),
+                       resample=str(data.get("resample", "area")), version=int(data.get("version", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PreprocessError(f"not a preprocessing spec: {data!r}") from exc
+
+
+@lru_cache(maxsize=16)
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights averaging the input interval each output sample covers."""
+    edges = np.linspace(0.0, n_in, n_out + 1)
+    w = np.zeros((n_out, n_in), dtype=np.float32)
+    for i in range(n_out):
+        lo, hi = edges[i], edges[i + 1]
+        for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), n_in)):
+            w[i, j] = min(hi, j + 1) - max(lo, j)
+        w[i] /= w[i].sum()
+    return w
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Resample (..., H, W) float arrays to (..., size, size) with an area filter."""
+    h, w = images.shape[-2:]
+    return area_matrix(h, size) @ images.astype(np.float32) @ area_matrix(w, size).T
+
+
+def crop_to_field(images: np.ndarray, pixel_mm: tuple[float, float], field_mm: float,
+                  fill: float = -1000.0) -> np.ndarray:
+    """Centre-crop (or pad with ``fill``) (..., H, W) images to a square field of ``field_mm``."""
+    out = images
+    for axis, spacing in ((-2, pixel_mm[0]), (-1, pixel_mm[1])):
+        n = out.shape[axis]
+        want = max(1, int(round(field_mm / spacing)))
+        if want < n:
+            lo = (n - want) // 2
+            out = np.take(out, np.arange(lo, lo + want), axis=axis)
+        elif want > n:
+            before = (want - n) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = (before, want - n - before)
+            out = np.pad(out, pad, constant_values=fill)
+    return out
+
+
+def input_pixel_mm(shape: tuple[int, int], pixel_mm: tuple[float, float], spec: PreprocessSpec) -> float:
+    """Size in mm of one model-input pixel (along rows) for slices of this shape and spacing."""
+    extent = spec.field_mm if spec.field_mm is not None else shape[0] * pixel_mm[0]
+    return extent / spec.size
+
+
+def preprocess(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
+    """HU slices (N, H, W) to model input (N, channels, size, size) uint8.
+
+    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view.
+    """
+    if hu.ndim != 3:
+        raise PreprocessError(f"expected slices as (N, H, W), got shape {hu.shape}")
+    if spec.field_mm is not None:
+        if pixel_mm is None:
+            raise PreprocessError("this preprocessing crops to a field of view: pass the pixel spacing")
+        hu = crop_to_field(hu, pixel_mm, spec.field_mm)
+    small = resize(hu.astype(np.float32), spec.size)
+    out = np.empty((hu.shape[0], spec.channels, spec.size, spec.size), dtype=np.uint8)
+    for c, (center, width) in enumerate(spec.windows):
+        out[:, c] = np.rint(np.clip((small - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0)
+    return out
+
+
+def to_float(batch: np.ndarray) -> np.ndarray:
+    """uint8 model input to the float32 the networks take (0-1)."""
+    return batch.astype(np.float32) / 255.0
+
+
+def resize_mask(mask: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
+    """Masks (N, H, W) to the input grid as the covered fraction of each pixel, uint8 0-255."""
+    mask = mask.astype(np.float32)
+    if spec.field_mm is not None:
+        if pixel_mm is None:
+            raise PreprocessError("this preprocessing crops to a field of view: pass the pixel spacing")
+        mask = crop_to_field(mask, pixel_mm, spec.field_mm, fill=0.0)
+    return np.rint(np.clip(resize(mask, spec.size), 0.0, 1.0) * 255.0).astype(np.uint8)

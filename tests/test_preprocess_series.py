@@ -1,0 +1,85 @@
+"""node.preprocess (the one preprocessing definition) and node.series (sorting along the normal)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import SMALL
+from node.phantom import write_study
+from node.preprocess import (
+    PreprocessError,
+    PreprocessSpec,
+    crop_to_field,
+    input_pixel_mm,
+    preprocess,
+    resize,
+    resize_mask,
+)
+from node.series import SeriesError, read_volume
+
+
+def test_spec_round_trips_through_a_plain_dict_and_rejects_nonsense():
+    spec = PreprocessSpec(size=128, field_mm=280.0)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(PreprocessError):
+        PreprocessSpec(windows=((40.0, 0.0),))
+    with pytest.raises(PreprocessError):
+        PreprocessSpec.from_dict({"size": 64})
+
+
+def test_area_resize_keeps_the_mean_and_maps_constant_images_to_themselves():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 100, (2, 100, 100)).astype(np.float32)
+    small = resize(img, 37)
+    assert small.shape == (2, 37, 37)
+    assert small.mean() == pytest.approx(img.mean(), abs=1e-3)
+    np.testing.assert_allclose(resize(np.full((1, 50, 50), 7.0), 64), 7.0, rtol=1e-6)
+
+
+def test_windows_become_uint8_channels():
+    quadrants = np.array([[-1000.0, 100.0], [450.0, 2000.0]])
+    hu = np.kron(quadrants, np.ones((16, 16)))[None]  # 32 x 32, four flat quadrants
+    out = preprocess(hu, PreprocessSpec(size=16))
+    assert out.dtype == np.uint8 and out.shape == (1, 3, 16, 16)
+    corners = [out[0, 0, 0, 0], out[0, 0, 0, -1], out[0, 0, -1, 0], out[0, 0, -1, -1]]
+    assert corners == [0, 128, 255, 255]  # PE window: centre 100, width 700
+
+
+def test_field_crop_is_centred_in_millimetres_and_pads_with_air():
+    img = np.zeros((1, 10, 10))
+    img[0, 4:6, 4:6] = 1.0
+    cropped = crop_to_field(img, (2.0, 2.0), 8.0)
+    assert cropped.shape == (1, 4, 4) and cropped[0, 1:3, 1:3].sum() == 4
+    padded = crop_to_field(img, (2.0, 2.0), 28.0)
+    assert padded.shape == (1, 14, 14) and padded[0, 0, 0] == -1000.0
+    spec = PreprocessSpec(size=64, field_mm=270.0)
+    assert input_pixel_mm((512, 512), (0.7, 0.7), spec) == pytest.approx(270.0 / 64)
+    with pytest.raises(PreprocessError, match="pixel spacing"):
+        preprocess(np.zeros((1, 8, 8)), spec)
+    mask = np.zeros((1, 100, 100), dtype=np.uint8)
+    mask[0, 45:55, 45:55] = 1
+    assert resize_mask(mask, spec, (1.0, 1.0)).max() == 255
+
+
+def test_read_volume_sorts_head_first_whatever_the_order_and_gives_hu(positive_study, tmp_path):
+    paths = write_study(positive_study, tmp_path)["ctpa"]
+    volume = read_volume(list(reversed(paths)))
+    assert np.all(np.diff(volume.positions_mm) < 0)
+    expected = np.clip(np.rint(positive_study.image.hu + 1024), 0, 4095) - 1024
+    np.testing.assert_array_equal(volume.hu, expected)
+    assert volume.pixel_spacing_mm == pytest.approx((SMALL.fov_mm / SMALL.matrix,) * 2)
+    assert volume.patient_id == positive_study.identity.patient_id
+
+
+def test_read_volume_refuses_mixed_series(positive_study, negative_study, tmp_path):
+    a = write_study(positive_study, tmp_path / "a")["ctpa"][:2]
+    b = write_study(negative_study, tmp_path / "b")["ctpa"][:2]
+    with pytest.raises(SeriesError, match="more than one series"):
+        read_volume(a + b)
+    ds = pydicom.dcmread(a[0])
+    del ds.ImageOrientationPatient
+    ds.save_as(tmp_path / "broken.dcm")
+    with pytest.raises(SeriesError, match="ImageOrientationPatient"):
+        read_volume([tmp_path / "broken.dcm"])
