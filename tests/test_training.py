@@ -1,0 +1,192 @@
+"""Training pipeline: the RSNA-layout reader and cache, patient splits, the two networks and their
+losses, and a tiny end-to-end run through petriage-train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
+from node.preprocess import PreprocessSpec, preprocess
+from node.series import read_volume
+from training.cli import main as train_main
+from training.data import StudyRecord, build_cache, read_rsna, split_by_patient
+from training.losses import attention_loss
+from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
+from training.models import SliceNet, StudyNet
+
+TINY = PhantomOptions(matrix=96, slices=24, slice_spacing_mm=12.0)
+SPEC = PreprocessSpec(size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    write_rsna_dataset(root, studies=10, positive_fraction=0.5, seed=5, options=TINY, annotated_fraction=1.0,
+                       annotated_slice_fraction=0.3)
+    return root
+
+
+def test_reader_finds_labels_files_and_sparse_masks(tiny_dataset):
+    studies = read_rsna(tiny_dataset)
+    assert len(studies) == 10 and sum(s.label for s in studies) == 5
+    for s in studies:
+        assert len(s.files) == TINY.slices and all(f.is_file() for f in s.files)
+        assert (s.mask_file is not None) == bool(s.label)  # every positive is annotated here
+        assert s.patient_id.startswith("PH")
+        assert sum(s.image_labels.values()) > 0 if s.label else sum(s.image_labels.values()) == 0
+
+
+def test_cache_holds_sorted_preprocessed_slices_and_masks_on_only_a_few_slices(tiny_dataset, tmp_path):
+    studies = read_rsna(tiny_dataset)
+    cache = build_cache(studies, SPEC, tmp_path)
+    assert cache.images.shape == (10 * TINY.slices, 3, 64, 64) and cache.images.dtype == np.uint8
+    positive = next(s for s in studies if s.label)
+    entry = cache.study(positive.study_instance_uid)
+    labelled = [k for k, lab in enumerate(entry["image_labels"]) if lab == 1]
+    annotated = sorted(int(k) for k in entry["mask_rows"])
+    assert 1 <= len(annotated) < len(labelled) or len(labelled) == 1  # sparse: some positive slices only
+    assert set(annotated) <= set(labelled)
+    for k in annotated:
+        assert cache.masks[entry["mask_rows"][str(k)]].max() > 0
+    volume = read_volume(positive.files)
+    expected = preprocess(volume.hu, SPEC, volume.pixel_spacing_mm)
+    np.testing.assert_array_equal(cache.images[entry["start"]:entry["start"] + entry["count"]], expected)
+    assert build_cache(studies, SPEC, tmp_path).folder == cache.folder  # reused, not rebuilt
+
+
+def test_the_reader_refuses_a_dataset_with_missing_files(tiny_dataset, tmp_path):
+    import shutil
+
+    from training import TrainingError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".cache"))
+    victim = next((copy / "train").rglob("*.dcm"))
+    victim.unlink()
+    with pytest.raises(TrainingError, match="1 of 24 files missing"):
+        read_rsna(copy)
+
+
+def test_splits_keep_every_study_of_a_patient_together():
+    studies = [StudyRecord(f"1.{i}", f"2.{i}", (), i % 2, {}, None, f"P{i // 3}") for i in range(60)]
+    parts = split_by_patient(studies, val_fraction=0.2, test_fraction=0.2, seed=1)
+    where = {s.study_instance_uid: name for name, ss in parts.items() for s in ss}
+    assert len(where) == 60
+    for p in {s.patient_id for s in studies}:
+        assert len({where[s.study_instance_uid] for s in studies if s.patient_id == p}) == 1
+    assert all(parts[name] for name in ("train", "val", "test"))
+
+
+def test_slice_net_gives_logit_feature_and_a_cam_that_pools_to_the_logit():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64)
+    avg = SliceNet(width=8, pooling="avg").eval()
+    logit, feature, cam = avg(x)
+    assert logit.shape == (3,) and feature.shape == (3, 128) and cam.shape == (3, 4, 4)
+    assert torch.allclose(cam.mean(dim=(1, 2)), logit, atol=1e-5)
+    fmap = avg.body(avg.stem(x))  # the mean of the CAM is the linear layer on the average-pooled map
+    assert torch.allclose(avg.fc(fmap.mean(dim=(2, 3)))[:, 0], logit, atol=1e-5)
+    lse = SliceNet(width=8, pooling="lse").eval()
+    logit, _, cam = lse(x)
+    assert torch.allclose(logit, torch.log(torch.exp(cam).mean(dim=(1, 2))), atol=1e-5)
+    assert torch.all(logit <= cam.flatten(1).max(dim=1).values + 1e-6)
+    assert SliceNet(width=8, output_stride=32).eval()(torch.rand(1, 3, 64, 64))[2].shape == (1, 2, 2)
+
+
+def test_study_net_on_a_padded_batch_equals_each_study_alone():
+    torch.manual_seed(0)
+    model = StudyNet(16, hidden=8).eval()
+    a, b = torch.randn(1, 9, 16), torch.randn(1, 5, 16)
+    batch = torch.zeros(2, 9, 16)
+    batch[0], batch[1, :5] = a[0], b[0]
+    study, slices = model(batch, torch.tensor([9, 5]))
+    sa, la = model(a)
+    sb, lb = model(b)
+    assert torch.allclose(study, torch.cat([sa, sb]), atol=1e-5)
+    assert torch.allclose(slices[1, :5], lb[0], atol=1e-5) and torch.allclose(slices[0], la[0], atol=1e-5)
+
+
+def test_attention_loss_is_lower_when_the_cam_points_inside_the_mask():
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 4:8, 4:8] = 1.0
+    on, off = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    on[0, 1, 1], off[0, 6, 6] = 5.0, 5.0
+    for form in ("mass", "mse"):
+        assert attention_loss(on, mask, form) < attention_loss(off, mask, form)
+
+
+def test_stage1_loss_falls_on_a_fixed_batch_and_stays_finite():
+    torch.manual_seed(0)
+    model = SliceNet(width=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.rand(8, 3, 64, 64), torch.tensor([1.0, 0.0] * 4)
+    mask = torch.zeros(8, 64, 64)
+    mask[::2, 20:30, 20:30] = 1.0
+    losses = []
+    for _ in range(40):
+        logit, _, cam = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) + attention_loss(cam[::2], mask[::2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_metrics_agree_with_brute_force_and_pick_a_threshold_that_meets_the_target():
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.4
+    scores = labels * 0.8 + rng.random(200)
+    pairs = [(p > n) + 0.5 * (p == n) for p in scores[labels] for n in scores[~labels]]
+    assert roc_auc(labels, scores) == pytest.approx(np.mean(pairs))
+    lo, hi = bootstrap_auc(labels, scores, n=300)
+    assert lo < roc_auc(labels, scores) < hi
+    t = threshold_for_sensitivity(labels, scores, 0.9)
+    assert sensitivity_specificity(labels, scores, t)[0] >= 0.9
+
+
+def test_a_study_gives_the_same_probability_whatever_its_file_order(tmp_path):
+    torch.manual_seed(0)
+    slice_net, study_net = SliceNet(width=8).eval(), StudyNet(128, hidden=8).eval()
+    probs = []
+    for order in ("ascending", "shuffled", "reversed"):
+        study = generate_study(8, pe=True, options=PhantomOptions(**{**TINY.__dict__, "order": order}))
+        paths = write_study(study, tmp_path / order)["ctpa"]
+        volume = read_volume(sorted(paths)[::-1] if order == "reversed" else paths)
+        x = torch.from_numpy(preprocess(volume.hu, SPEC, volume.pixel_spacing_mm)).float() / 255.0
+        with torch.no_grad():
+            feats = slice_net(x)[1]
+            probs.append(torch.sigmoid(study_net(feats[None])[0]).item())
+    assert probs[0] == probs[1] == probs[2]
+
+
+def test_petriage_train_runs_both_stages_end_to_end_on_a_tiny_dataset(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"data.root={tiny_dataset}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
+                 "data.test_fraction=0.4", "preprocess.size=64", "stage1.width=8", "stage1.epochs=2",
+                 "stage1.steps_per_epoch=6", "stage1.batch_size=8", "stage2.epochs=3", "eval.bootstrap=200",
+                 "eval.overlay_examples=4"]
+    code = train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((run / "report.json").read_text())
+    assert 0.0 <= report["study_auc"] <= 1.0 and report["pointing_game"]["slices"] > 0
+    assert report["synthetic_data"] is True and report["split_sizes"]["test"] >= 2
+    for name in ("stage1.pt", "stage1_last.pt", "stage2.pt", "features.npy", "roc.png", "cam_grid.png",
+                 "stage1_log.csv", "stage2_log.jsonl", "config.yaml", "splits.json"):
+        assert (run / name).is_file(), name
+    features = np.load(run / "features.npy")
+    assert features.shape == (10 * TINY.slices, 128) and np.isfinite(features).all()
+    log = [json.loads(line) for line in (run / "stage1_log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2] and all(np.isfinite(row["loss"]) for row in log)
+
+
+def test_petriage_train_refuses_a_bad_config_with_exit_code_2(tmp_path, capsys):
+    assert train_main(["stage1", "--run", str(tmp_path), "--set", "stage1.attention_loss=l7"]) == 2
+    assert "stage1.attention_loss: got 'l7'" in capsys.readouterr().err
+    assert train_main(["stage1", "--run", str(tmp_path), "--set", f"data.root={tmp_path / 'none'}"]) == 1

@@ -1,0 +1,140 @@
+"""``petriage-train``: stage 1, feature extraction, stage 2 and evaluation of the two-stage model.
+
+Every subcommand takes ``--config FILE`` (YAML, see training/configs/) and ``--set key=value``
+overrides, writes the effective config to ``RUN/config.yaml`` and the split to ``RUN/splits.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.exceptions import TyperException
+
+from node.errors import ConfigError
+from training import TrainingError
+from training.config import TrainConfig, load_train_config
+from training.data import SliceCache, build_cache, read_rsna, split_by_patient
+from training.engine import extract_features, train_stage1, train_stage2
+from training.evaluate import evaluate
+
+console = Console()
+err = Console(stderr=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train the two-stage PE model (Shi et al., MIDL 2020) on an RSNA-STR PE style dataset.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Training config YAML.")]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run folder (checkpoints, logs, report).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
+
+
+def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tuple[TrainConfig, SliceCache, dict]:
+    cfg = load_train_config(config, overrides or [])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    studies = read_rsna(cfg.data.root)
+    parts = split_by_patient(studies, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                             seed=cfg.data.split_seed)
+    splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}
+    (run / "splits.json").write_text(json.dumps(splits, indent=1))
+    cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"
+    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("reading studies", total=len(studies))
+        cache = build_cache(studies, cfg.preprocess.spec(), cache_dir, workers=max(1, min(4, torch.get_num_threads())),
+                            progress=lambda i, n, msg: progress.update(task, completed=i, description=msg))
+    masked = sum(1 for s in studies if s.mask_file)
+    console.print(f"{len(studies)} studies ({sum(s.label for s in studies)} PE, {masked} with sparse masks); "
+                  f"split train/val/test = {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} "
+                  f"studies by patient; {len(cache.images)} slices cached at {cache.folder}")
+    return cfg, cache, splits
+
+
+@app.command()
+def stage1(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train the slice ResNet (classification + attention loss); resumes from RUN/stage1_last.pt."""
+    cfg, cache, splits = _prepare(config, run, set_)
+    train_stage1(cfg, cache, splits, run)
+
+
+@app.command()
+def features(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Extract stage-1 features of every slice (RUN/features.npy)."""
+    cfg, cache, _ = _prepare(config, run, set_)
+    extract_features(cfg, cache, run)
+
+
+@app.command()
+def stage2(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train the recurrent study model on the frozen features."""
+    cfg, cache, splits = _prepare(config, run, set_)
+    train_stage2(cfg, cache, splits, run)
+
+
+@app.command("evaluate")
+def evaluate_cmd(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Evaluate on the held-out test split: RUN/report.json, roc.png, cam_grid.png."""
+    cfg, cache, splits = _prepare(config, run, set_)
+    _show(evaluate(cfg, cache, splits, run), run)
+
+
+@app.command("all")
+def all_cmd(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Stage 1, features, stage 2 and evaluation in one go."""
+    start = time.perf_counter()
+    cfg, cache, splits = _prepare(config, run, set_)
+    train_stage1(cfg, cache, splits, run)
+    extract_features(cfg, cache, run)
+    train_stage2(cfg, cache, splits, run)
+    report = evaluate(cfg, cache, splits, run)
+    report["seconds_total"] = round(time.perf_counter() - start, 1)
+    (run / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    _show(report, run)
+
+
+def _show(report: dict, run: Path) -> None:
+    pg = report["pointing_game"]
+    console.print(f"study AUC {report['study_auc']:.3f} (95% CI {report['study_auc_ci95'][0]:.3f}-"
+                  f"{report['study_auc_ci95'][1]:.3f}); sensitivity {report['operating_point']['test_sensitivity']:.2f}"
+                  f", specificity {report['operating_point']['test_specificity']:.2f} at threshold "
+                  f"{report['operating_point']['threshold']:.3f} (chosen on val); slice AUC "
+                  f"{report['slice_auc_stage1']:.3f}; pointing game {pg['score']:.2f} within {pg['tolerance_mm']} mm "
+                  f"({pg['score_strict_inside_mask']:.2f} strictly inside) on {pg['slices']} annotated slices")
+    console.print(f"wrote {run / 'report.json'}, {run / 'roc.png'}, {run / 'cam_grid.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run petriage-train; returns the exit code (0 ok, 1 failure, 2 bad usage or configuration)."""
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        app(args=argv, prog_name="petriage-train", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"error: {escape(exc.format_message())}")
+        return exc.exit_code
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    except TrainingError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Training configuration: YAML file, then ``--set section.key=value`` overrides, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from node.config import apply_overrides, describe, read_yaml
+from node.errors import ConfigError
+from node.preprocess import PreprocessSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Section):
+    root: Path = Path("data/phantom")  # RSNA-STR PE layout: train.csv, train/, masks/
+    cache_dir: Path | None = None  # default: <root>/.cache
+    val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class PreprocessSettings(_Section):
+    windows: list[tuple[float, float]] = [(100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0)]
+    size: int = Field(default=192, ge=32, le=1024)
+    field_mm: float | None = Field(default=None, ge=50, le=1000)  # centre crop in mm before resizing
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm)
+
+
+class Stage1Settings(_Section):
+    depth: Literal[18, 34] = 18
+    width: int = Field(default=64, ge=8, le=128)  # channels of the first stage (64 = standard ResNet)
+    output_stride: Literal[16, 32] = 16  # 16 dilates the last stage: a finer attention map
+    pooling: Literal["avg", "lse"] = "lse"  # slice logit from the CAM: mean, or log-mean-exp (smooth max)
+    lse_r: float = Field(default=1.0, gt=0)
+    epochs: int = Field(default=10, ge=1)
+    steps_per_epoch: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    positive_fraction: float = Field(default=0.5, gt=0, lt=1)  # share of PE slices in each batch
+    attention_weight: float = Field(default=1.0, ge=0)  # lambda; 0 switches the attention loss off
+    attention_loss: Literal["mass", "mse"] = "mass"
+    grad_clip: float = Field(default=5.0, gt=0)
+    augment: bool = True
+
+
+class Stage2Settings(_Section):
+    rnn: Literal["gru", "lstm"] = "gru"
+    hidden: int = Field(default=64, ge=4)
+    layers: int = Field(default=1, ge=1, le=4)
+    dropout: float = Field(default=0.2, ge=0, lt=1)
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    slice_loss_weight: float = Field(default=0.5, ge=0)  # where per-image labels exist
+
+
+class EvalSettings(_Section):
+    target_sensitivity: float = Field(default=0.9, gt=0, le=1)
+    bootstrap: int = Field(default=2000, ge=100)
+    pointing_tolerance_mm: float = Field(default=10.0, ge=0)
+    overlay_examples: int = Field(default=16, ge=1)
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=0, ge=0)  # 0: torch's default
+    data: DataSettings = Field(default_factory=DataSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    stage1: Stage1Settings = Field(default_factory=Stage1Settings)
+    stage2: Stage2Settings = Field(default_factory=Stage2Settings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_train_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a training config (defaults when no file) with ``section.key=value`` overrides."""
+    data = read_yaml(Path(path)) if path is not None else {}
+    apply_overrides(data, overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, str(path or "defaults"))) from exc

@@ -1,0 +1,209 @@
+"""Training data: the RSNA-STR PE layout with sparse masks, patient-level splits, a slice cache.
+
+``read_rsna`` reads ``train.csv`` (study label ``1 - negative_exam_for_pe``, image labels
+``pe_present_on_image``) and finds the DICOM files and, for the sparsely annotated studies,
+``masks/<StudyInstanceUID>.npz`` (format in docs/phantom.md). ``split_by_patient`` keeps every
+study of a patient in one split. ``build_cache`` decodes each series once, sorts it along the slice
+normal, preprocesses it with :mod:`node.preprocess` and stores uint8 slices (and masks) in
+memory-mapped files, so epochs never decode DICOM again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from node.preprocess import PreprocessSpec, input_pixel_mm, preprocess, resize_mask
+from node.series import read_volume
+from training import TrainingError
+
+Progress = Callable[[int, int, str], None]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study of the dataset, before any pixel is read."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    files: tuple[Path, ...]
+    label: int  # 1: PE present
+    image_labels: dict[str, int]  # SOPInstanceUID -> pe_present_on_image
+    mask_file: Path | None
+    patient_id: str
+
+
+def read_rsna(root: Path) -> list[StudyRecord]:
+    """Read an RSNA-STR PE style dataset folder (``train.csv``, ``train/``, optional ``masks/``)."""
+    root = Path(root)
+    csv_path = root / "train.csv"
+    if not csv_path.is_file():
+        raise TrainingError(f"{csv_path}: no train.csv (expected the RSNA-STR PE layout)")
+    rows: dict[str, list[dict[str, str]]] = defaultdict(list)
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image",
+                "negative_exam_for_pe"}
+        missing = need - set(reader.fieldnames or ())
+        if missing:
+            raise TrainingError(f"{csv_path}: missing columns {sorted(missing)}")
+        for row in reader:
+            rows[row["StudyInstanceUID"]].append(row)
+    studies = []
+    for study_uid, study_rows in rows.items():
+        series = {r["SeriesInstanceUID"] for r in study_rows}
+        if len(series) != 1:
+            raise TrainingError(f"study {study_uid}: {len(series)} series in train.csv (expected one CTPA)")
+        series_uid = series.pop()
+        folder = root / "train" / study_uid / series_uid
+        files = tuple(folder / f"{r['SOPInstanceUID']}.dcm" for r in study_rows)
+        absent = [f for f in files if not f.is_file()]
+        if absent:
+            raise TrainingError(f"study {study_uid}: {len(absent)} of {len(files)} files missing, e.g. {absent[0]}")
+        label = 1 - int(study_rows[0]["negative_exam_for_pe"])
+        mask = root / "masks" / f"{study_uid}.npz"
+        patient = str(pydicom.dcmread(files[0], stop_before_pixels=True).get("PatientID", "")) or study_uid
+        studies.append(StudyRecord(study_uid, series_uid, files, label,
+                                   {r["SOPInstanceUID"]: int(r["pe_present_on_image"]) for r in study_rows},
+                                   mask if mask.is_file() else None, patient))
+    return sorted(studies, key=lambda s: s.study_instance_uid)
+
+
+def split_by_patient(studies: list[StudyRecord], *, val_fraction: float, test_fraction: float,
+                     seed: int) -> dict[str, list[StudyRecord]]:
+    """Assign whole patients to train/val/test, stratified by whether the patient has PE."""
+    by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
+    for s in studies:
+        by_patient[s.patient_id].append(s)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[StudyRecord]] = {name: [] for name in SPLITS}
+    for positive in (True, False):
+        patients = sorted(p for p, ss in by_patient.items() if any(s.label for s in ss) == positive)
+        rng.shuffle(patients)
+        n_test = round(len(patients) * test_fraction)
+        n_val = round(len(patients) * val_fraction)
+        for i, patient in enumerate(patients):
+            name = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            out[name] += by_patient[patient]
+    for name in SPLITS:
+        out[name].sort(key=lambda s: s.study_instance_uid)
+    return out
+
+
+@dataclass
+class SliceCache:
+    """Preprocessed slices of every study, memory-mapped, with an index."""
+
+    folder: Path
+    images: np.ndarray  # (N, C, S, S) uint8
+    masks: np.ndarray  # (M, S, S) uint8, fraction of each pixel inside an embolus
+    studies: list[dict]  # per study: uid, patient, label, start, count, image_labels, mask_rows, ...
+
+    def study(self, uid: str) -> dict:
+        return next(s for s in self.studies if s["study_instance_uid"] == uid)
+
+
+def _cache_key(studies: list[StudyRecord], spec: PreprocessSpec) -> str:
+    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    for s in studies:
+        h.update(s.study_instance_uid.encode())
+        h.update(str(len(s.files)).encode())
+        h.update(str(s.mask_file is not None).encode())
+    return h.hexdigest()[:16]
+
+
+def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
+    """Decode, sort and preprocess one study into the shared memory maps (runs in a worker)."""
+    study, start, mask_start, images_path, masks_path, spec_dict, n_total = args
+    spec = PreprocessSpec.from_dict(spec_dict)
+    volume = read_volume(study.files)
+    images = np.memmap(images_path, dtype=np.uint8, mode="r+")
+    images = images.reshape(n_total, spec.channels, spec.size, spec.size)
+    for lo in range(0, len(volume.hu), 64):  # bounded memory for long series
+        chunk = preprocess(volume.hu[lo:lo + 64], spec, volume.pixel_spacing_mm)
+        images[start + lo:start + lo + len(chunk)] = chunk
+    images.flush()
+    mask_rows: dict[int, int] = {}
+    if study.mask_file is not None:
+        with np.load(study.mask_file) as npz:
+            uids, masks = [str(u) for u in npz["sop_instance_uid"]], npz["mask"]
+        index = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
+        unknown = [u for u in uids if u not in index]
+        if unknown:
+            raise TrainingError(f"{study.mask_file}: {len(unknown)} masks for images not in the study")
+        small = resize_mask(masks, spec, volume.pixel_spacing_mm)
+        mm = np.memmap(masks_path, dtype=np.uint8, mode="r+").reshape(-1, spec.size, spec.size)
+        for j, uid in enumerate(uids):
+            mm[mask_start + j] = small[j]
+            mask_rows[index[uid]] = mask_start + j
+        mm.flush()
+    return {
+        "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id, "label": study.label,
+        "start": start, "count": len(volume.hu), "sop_instance_uids": list(volume.sop_instance_uids),
+        "image_labels": [study.image_labels.get(u, -1) for u in volume.sop_instance_uids],
+        "mask_rows": {str(k): v for k, v in mask_rows.items()},
+        "pixel_mm": input_pixel_mm(volume.hu.shape[1:], volume.pixel_spacing_mm, spec),
+    }
+
+
+def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path, *, workers: int = 1,
+                progress: Progress | None = None) -> SliceCache:
+    """Build (or reuse) the slice cache for these studies and this preprocessing."""
+    folder = Path(cache_dir) / _cache_key(studies, spec)
+    if (folder / "index.json").is_file():
+        return open_cache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_total = sum(len(s.files) for s in studies)
+    n_masks = 0
+    for s in studies:
+        if s.mask_file is not None:
+            with np.load(s.mask_file) as npz:
+                n_masks += len(npz["sop_instance_uid"])
+    images_path, masks_path = folder / "images.u8", folder / "masks.u8"
+    np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(n_total, spec.channels, spec.size, spec.size)).flush()
+    np.memmap(masks_path, dtype=np.uint8, mode="w+", shape=(max(n_masks, 1), spec.size, spec.size)).flush()
+    jobs, start, mask_start = [], 0, 0
+    for s in studies:
+        jobs.append((s, start, mask_start, str(images_path), str(masks_path), spec.to_dict(), n_total))
+        start += len(s.files)
+        if s.mask_file is not None:
+            with np.load(s.mask_file) as npz:
+                mask_start += len(npz["sop_instance_uid"])
+    index = []
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for i, entry in enumerate(pool.map(_fill, jobs), 1):
+                index.append(entry)
+                if progress:
+                    progress(i, len(jobs), "caching slices")
+    else:
+        for i, job in enumerate(jobs, 1):
+            index.append(_fill(job))
+            if progress:
+                progress(i, len(jobs), "caching slices")
+    tmp = folder / "index.json.tmp"
+    tmp.write_text(json.dumps({"spec": spec.to_dict(), "n_images": n_total, "n_masks": n_masks,
+                               "studies": index}))
+    os.replace(tmp, folder / "index.json")  # the cache exists only once it is complete
+    return open_cache(folder)
+
+
+def open_cache(folder: Path) -> SliceCache:
+    index = json.loads((Path(folder) / "index.json").read_text())
+    spec = PreprocessSpec.from_dict(index["spec"])
+    images = np.memmap(Path(folder) / "images.u8", dtype=np.uint8, mode="r",
+                       shape=(index["n_images"], spec.channels, spec.size, spec.size))
+    masks = np.memmap(Path(folder) / "masks.u8", dtype=np.uint8, mode="r",
+                      shape=(max(index["n_masks"], 1), spec.size, spec.size))
+    return SliceCache(Path(folder), images, masks, index["studies"])

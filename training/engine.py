@@ -1,0 +1,331 @@
+"""Training loops: stage 1 (slices), feature extraction, stage 2 (studies).
+
+Checkpoints are written atomically (temporary file, then rename) and carry the effective config and
+the preprocessing spec, so a run folder explains itself and a crash never leaves half a checkpoint.
+A stage started again resumes from its last checkpoint. Each epoch appends one JSON line and one CSV
+row to ``<stage>_log.{jsonl,csv}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from node.preprocess import PreprocessSpec
+from training import TrainingError
+from training.config import TrainConfig
+from training.data import SliceCache
+from training.losses import attention_loss, slice_loss
+from training.metrics import roc_auc
+from training.models import SliceNet, StudyNet
+
+console = Console()
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' asked for, but torch sees no CUDA device")
+    return torch.device("cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise TrainingError(f"{path}: no checkpoint (run the stage that writes it first)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.fields[stage]}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+
+
+class EpochLog:
+    """One JSON line and one CSV row per epoch."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        self.jsonl, self.csv = run_dir / f"{stage}_log.jsonl", run_dir / f"{stage}_log.csv"
+
+    def write(self, row: dict) -> None:
+        with self.jsonl.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        new = not self.csv.exists()
+        with self.csv.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def build_slice_net(cfg: TrainConfig) -> SliceNet:
+    s = cfg.stage1
+    return SliceNet(depth=s.depth, width=s.width, in_channels=len(cfg.preprocess.windows),
+                    output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r)
+
+
+def _rows(cache: SliceCache, uids: set[str]) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """Positive rows, negative rows and {row: mask row} of the given studies."""
+    pos, neg, masks = [], [], {}
+    for st in cache.studies:
+        if st["study_instance_uid"] not in uids:
+            continue
+        for k, lab in enumerate(st["image_labels"]):
+            row = st["start"] + k
+            (pos if lab == 1 else neg).append(row)
+        for k, m in st["mask_rows"].items():
+            masks[st["start"] + int(k)] = m
+    return np.array(pos, dtype=np.int64), np.array(neg, dtype=np.int64), masks
+
+
+def _augment(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flips and shifts of up to 6 % of the field, applied alike to images and masks."""
+    x, m = x.clone(), m.clone()
+    size = x.shape[-1]
+    for i in range(x.shape[0]):
+        if rng.random() < 0.5:
+            x[i], m[i] = x[i].flip(-1), m[i].flip(-1)
+        dy, dx = (int(v) for v in rng.integers(-size // 16, size // 16 + 1, 2))
+        x[i], m[i] = x[i].roll((dy, dx), (-2, -1)), m[i].roll((dy, dx), (-2, -1))
+    return x, m
+
+
+def _batch(cache: SliceCache, rows: np.ndarray, masks: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(rows)  # sequential reads from the memory map
+    rows = rows[order]
+    images = cache.images[rows]
+    mask = np.zeros((len(rows), *images.shape[-2:]), dtype=np.uint8)
+    has_mask = np.zeros(len(rows), dtype=bool)
+    for i, r in enumerate(rows):
+        if int(r) in masks:
+            mask[i] = cache.masks[masks[int(r)]]
+            has_mask[i] = True
+    return images, mask, has_mask
+
+
+def slice_scores(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
+                 batch: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(rows), batch):
+            x = torch.from_numpy(cache.images[rows[lo:lo + batch]]).to(device).float() / 255.0
+            out.append(model(x)[0].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], run_dir: Path,
+                 on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Train the slice network; returns the path of the best checkpoint (by validation slice AUC)."""
+    s = cfg.stage1
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_slice_net(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    total = s.epochs * s.steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
+    last, best_path = run_dir / "stage1_last.pt", run_dir / "stage1.pt"
+    start_epoch, best = 0, -1.0
+    if last.is_file():  # resume
+        ckpt = load_checkpoint(last)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
+        console.print(f"stage 1: resuming after epoch {start_epoch}")
+    pos, neg, masks = _rows(cache, set(splits["train"]))
+    if not len(pos) or not len(neg):
+        raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
+    vpos, vneg, _ = _rows(cache, set(splits["val"]))
+    vrng = np.random.default_rng(cfg.seed + 17)
+    val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
+    val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
+    n_pos = max(1, round(s.batch_size * s.positive_fraction))
+    log = EpochLog(run_dir, "stage1")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with _progress() as progress:
+        task = progress.add_task("", total=total, completed=start_epoch * s.steps_per_epoch, stage="stage 1")
+        for epoch in range(start_epoch, s.epochs):
+            rng = np.random.default_rng([cfg.seed, epoch])
+            model.train()
+            t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
+            for step in range(s.steps_per_epoch):
+                rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, s.batch_size - n_pos)])
+                images, mask, has_mask = _batch(cache, rows, masks)
+                labels = torch.from_numpy(np.isin(np.sort(rows), pos).astype(np.float32)).to(device)
+                x = torch.from_numpy(images).float() / 255.0
+                m = torch.from_numpy(mask).float() / 255.0
+                if s.augment:
+                    x, m = _augment(x, m, rng)
+                x, m = x.to(device), m.to(device)
+                with autocast:
+                    logit, _, cam = model(x)
+                bce = slice_loss(logit, labels)
+                att = torch.zeros((), device=device)
+                annotated = torch.from_numpy(has_mask).to(device)
+                if s.attention_weight > 0 and bool(annotated.any()):
+                    att = attention_loss(cam[annotated], m[annotated], s.attention_loss)
+                loss = bce + s.attention_weight * att
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"stage 1: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                opt.step()
+                sched.step()
+                sums["loss"] += loss.item()
+                sums["bce"] += bce.item()
+                sums["attention"] += att.item()
+                sums["annotated"] += int(has_mask.sum())
+                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{s.epochs} "
+                                f"loss {sums['loss'] / (step + 1):.3f} (bce {sums['bce'] / (step + 1):.3f}, "
+                                f"attention {sums['attention'] / (step + 1):.3f})")
+            val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device)) if len(vpos) else float("nan")
+            n = s.steps_per_epoch
+            row = {"epoch": epoch + 1, "loss": sums["loss"] / n, "bce": sums["bce"] / n,
+                   "attention": sums["attention"] / n, "annotated_per_batch": sums["annotated"] / n,
+                   "val_slice_auc": val_auc, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            log.write(row)
+            if on_epoch:
+                on_epoch(row)
+            payload = {"stage": "stage1", "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict(), "config": cfg.model_dump(mode="json"),
+                       "preprocess": cfg.preprocess.spec().to_dict(), "feature_dim": model.feature_dim,
+                       "best": max(best, val_auc if not np.isnan(val_auc) else best), "val_slice_auc": val_auc}
+            if np.isnan(val_auc) or val_auc >= best:
+                best = val_auc if not np.isnan(val_auc) else best
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last, payload)
+    return best_path
+
+
+def load_slice_net(path: Path, device: torch.device) -> tuple[SliceNet, dict]:
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.model_validate(ckpt["config"])
+    model = build_slice_net(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def extract_features(cfg: TrainConfig, cache: SliceCache, run_dir: Path) -> Path:
+    """Run the best stage-1 network over every cached slice: features.npy and slice_logits.npy."""
+    device = pick_device(cfg.device)
+    model, ckpt = load_slice_net(run_dir / "stage1.pt", device)
+    if PreprocessSpec.from_dict(ckpt["preprocess"]) != cfg.preprocess.spec():
+        raise TrainingError("the stage-1 checkpoint was trained with another preprocessing than this config")
+    n = len(cache.images)
+    feats = np.zeros((n, model.feature_dim), dtype=np.float32)
+    logits = np.zeros(n, dtype=np.float32)
+    with _progress() as progress, torch.no_grad():
+        task = progress.add_task("extracting features", total=n, stage="features")
+        for lo in range(0, n, 64):
+            x = torch.from_numpy(np.array(cache.images[lo:lo + 64])).to(device).float() / 255.0
+            logit, feature, _ = model(x)
+            feats[lo:lo + len(x)] = feature.float().cpu().numpy()
+            logits[lo:lo + len(x)] = logit.float().cpu().numpy()
+            progress.update(task, advance=len(x))
+    np.save(run_dir / "slice_logits.npy", logits)
+    out = run_dir / "features.npy"
+    np.save(out, feats)
+    return out
+
+
+def _sequences(cache: SliceCache, feats: np.ndarray, uids: list[str]):
+    seqs = []
+    for uid in uids:
+        st = cache.study(uid)
+        rows = slice(st["start"], st["start"] + st["count"])
+        seqs.append((torch.from_numpy(feats[rows]), float(st["label"]),
+                     torch.tensor(st["image_labels"], dtype=torch.float32)))
+    return seqs
+
+
+def _pad(batch, device):
+    lengths = torch.tensor([len(f) for f, _, _ in batch])
+    t = int(lengths.max())
+    x = torch.zeros(len(batch), t, batch[0][0].shape[1])
+    y = torch.tensor([lab for _, lab, _ in batch])
+    sl = torch.full((len(batch), t), -1.0)
+    for i, (f, _, s) in enumerate(batch):
+        x[i, :len(f)], sl[i, :len(f)] = f, s
+    return x.to(device), lengths, y.to(device), sl.to(device)
+
+
+def study_scores(model: StudyNet, seqs, device) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return np.array([torch.sigmoid(model(f[None].to(device))[0]).item() for f, _, _ in seqs])
+
+
+def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], run_dir: Path,
+                 on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Train the sequence model on frozen stage-1 features; returns the best checkpoint (val study AUC)."""
+    s = cfg.stage2
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed + 1)
+    feats = np.load(run_dir / "features.npy")
+    train, val = _sequences(cache, feats, splits["train"]), _sequences(cache, feats, splits["val"])
+    model = StudyNet(feats.shape[1], s.hidden, s.layers, s.rnn, s.dropout).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    log, best, best_loss, path = EpochLog(run_dir, "stage2"), -1.0, np.inf, run_dir / "stage2.pt"
+    rng = np.random.default_rng(cfg.seed)
+    with _progress() as progress:
+        task = progress.add_task("", total=s.epochs, stage="stage 2")
+        for epoch in range(s.epochs):
+            model.train()
+            order, total = rng.permutation(len(train)), 0.0
+            for lo in range(0, len(order), s.batch_size):
+                x, lengths, y, sl = _pad([train[i] for i in order[lo:lo + s.batch_size]], device)
+                study_logit, slice_logits = model(x, lengths)
+                loss = slice_loss(study_logit, y)
+                known = sl >= 0
+                if s.slice_loss_weight > 0 and bool(known.any()):
+                    loss = loss + s.slice_loss_weight * slice_loss(slice_logits[known], sl[known])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                total += loss.item() * len(y)
+            scores = study_scores(model, val, device)
+            labels = np.array([lab for _, lab, _ in val])
+            val_auc = roc_auc(labels, scores) if len(val) else float("nan")
+            val_loss = float(np.mean(-(labels * np.log(scores + 1e-7) + (1 - labels) * np.log(1 - scores + 1e-7))))
+            row = {"epoch": epoch + 1, "loss": total / len(train), "val_study_auc": val_auc, "val_loss": val_loss}
+            log.write(row)
+            if on_epoch:
+                on_epoch(row)
+            progress.update(task, advance=1, description=f"loss {row['loss']:.3f} val AUC {val_auc:.3f}")
+            if np.isnan(val_auc) or (val_auc, -val_loss) >= (best, -best_loss):
+                best, best_loss = (val_auc if not np.isnan(val_auc) else best), val_loss
+                save_checkpoint(path, {"stage": "stage2", "epoch": epoch, "model": model.state_dict(),
+                                       "config": cfg.model_dump(mode="json"), "feature_dim": feats.shape[1],
+                                       "val_study_auc": val_auc, "val_loss": val_loss})
+    return path
+
+
+def load_study_net(path: Path, device: torch.device) -> StudyNet:
+    ckpt = load_checkpoint(path)
+    s = TrainConfig.model_validate(ckpt["config"]).stage2
+    model = StudyNet(ckpt["feature_dim"], s.hidden, s.layers, s.rnn, s.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

@@ -1,0 +1,41 @@
+"""Stage-1 losses: slice classification plus the attention loss on annotated slices only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) CAM to (B, H, W), bilinear."""
+    return F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def attention_loss(cam: torch.Tensor, mask: torch.Tensor, form: str = "mass") -> torch.Tensor:
+    """Pull the attention map onto the embolus mask.
+
+    Parameters
+    ----------
+    cam
+        (B, h, w) class activation maps of annotated PE slices.
+    mask
+        (B, H, W) fraction of each input pixel inside an embolus (0-1).
+    form
+        ``mass``: the CAM, upsampled and normalised into a spatial distribution (softmax), should put
+        its mass inside the mask; loss = -log(mass inside). ``mse``: the upsampled CAM, min-max
+        normalised to 0-1, against the binary mask.
+    """
+    up = upsample_cam(cam.float(), tuple(mask.shape[-2:]))
+    target = (mask > 0).float().flatten(1)
+    if form == "mass":
+        p = torch.softmax(up.flatten(1), dim=1)
+        return -torch.log((p * target).sum(dim=1) + 1e-6).mean()
+    if form == "mse":
+        flat = up.flatten(1)
+        lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+        return F.mse_loss((flat - lo) / (hi - lo + 1e-6), target)
+    raise ValueError(f"unknown attention loss {form!r}")
+
+
+def slice_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logit.float(), label.float())
