@@ -190,3 +190,21 @@ def test_petriage_train_refuses_a_bad_config_with_exit_code_2(tmp_path, capsys):
     assert train_main(["stage1", "--run", str(tmp_path), "--set", "stage1.attention_loss=l7"]) == 2
     assert "stage1.attention_loss: got 'l7'" in capsys.readouterr().err
     assert train_main(["stage1", "--run", str(tmp_path), "--set", f"data.root={tmp_path / 'none'}"]) == 1
+
+
+def test_matched_negatives_follow_where_positives_lie_along_the_body(tiny_dataset, tmp_path):
+    from training.engine import _rows, matched_weights
+
+    cache = build_cache(read_rsna(tiny_dataset), SPEC, tmp_path)
+    pos, neg, _ = _rows(cache, {s["study_instance_uid"] for s in cache.studies})
+    p = matched_weights(cache, pos, neg)
+    assert p.shape == neg.shape and p.sum() == pytest.approx(1.0)
+    rel = {}
+    for st in cache.studies:
+        for k in range(st["count"]):
+            rel[st["start"] + k] = (k + 0.5) / st["count"]
+    pos_levels = np.array([rel[int(r)] for r in pos])
+    neg_levels = np.array([rel[int(r)] for r in neg])
+    matched_mean = float((p * neg_levels).sum())
+    assert abs(matched_mean - pos_levels.mean()) < abs(neg_levels.mean() - pos_levels.mean()) + 1e-9
+    assert p[(neg_levels < pos_levels.min() - 0.05) | (neg_levels > pos_levels.max() + 0.05)].sum() == 0

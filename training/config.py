@@ -46,6 +46,9 @@ class Stage1Settings(_Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     positive_fraction: float = Field(default=0.5, gt=0, lt=1)  # share of PE slices in each batch
+    # Share of the negatives drawn where positives lie along the body (relative slice position), so
+    # that the level of a slice cannot stand in for the embolus.
+    matched_negatives: float = Field(default=0.5, ge=0, le=1)
     attention_weight: float = Field(default=1.0, ge=0)  # lambda; 0 switches the attention loss off
     attention_loss: Literal["mass", "mse"] = "mass"
     grad_clip: float = Field(default=5.0, gt=0)

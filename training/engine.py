@@ -98,6 +98,16 @@ def _rows(cache: SliceCache, uids: set[str]) -> tuple[np.ndarray, np.ndarray, di
     return np.array(pos, dtype=np.int64), np.array(neg, dtype=np.int64), masks
 
 
+def matched_weights(cache: SliceCache, pos: np.ndarray, neg: np.ndarray, bins: int = 20) -> np.ndarray:
+    """Sampling probabilities for negatives that follow the positives' relative position in the study."""
+    where = np.zeros(len(cache.images))
+    for st in cache.studies:
+        where[st["start"]:st["start"] + st["count"]] = (np.arange(st["count"]) + 0.5) / st["count"]
+    hist, _ = np.histogram(where[pos], bins=bins, range=(0.0, 1.0))
+    w = hist[np.minimum((where[neg] * bins).astype(int), bins - 1)].astype(float)
+    return w / w.sum() if w.sum() > 0 else np.full(len(neg), 1.0 / len(neg))
+
+
 def _augment(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips and shifts of up to 6 % of the field, applied alike to images and masks."""
     x, m = x.clone(), m.clone()
@@ -161,6 +171,8 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
     val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
+    n_matched = round((s.batch_size - n_pos) * s.matched_negatives)
+    neg_p = matched_weights(cache, pos, neg)
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with _progress() as progress:
@@ -170,7 +182,8 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             model.train()
             t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
             for step in range(s.steps_per_epoch):
-                rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, s.batch_size - n_pos)])
+                rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, n_matched, p=neg_p),
+                                       rng.choice(neg, s.batch_size - n_pos - n_matched)])
                 images, mask, has_mask = _batch(cache, rows, masks)
                 labels = torch.from_numpy(np.isin(np.sort(rows), pos).astype(np.float32)).to(device)
                 x = torch.from_numpy(images).float() / 255.0
