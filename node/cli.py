@@ -10,13 +10,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from typer.exceptions import TyperException
 
+from node.cli_runner import run_app
 from node.commands.demo import demo_cmd
 from node.commands.phantom import phantom_cmd
 from node.config import Config, load_config
-from node.errors import ConfigError, NodeError
+from node.errors import NodeError
 
 log = logging.getLogger(__name__)
 out = Console()
@@ -81,28 +80,7 @@ app.command("demo")(demo_cmd)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad usage or configuration)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = app(args=argv, prog_name="petriage", standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        err.print("aborted")
-        return 130
-    except TyperException as exc:  # usage errors: bad option, missing argument
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            err.print(f"error: {escape(exc.format_message())}", highlight=False)
-        return exc.exit_code
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
-    except NodeError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 1
-    return result if isinstance(result, int) else 0
+    return run_app(app, argv, "petriage", (NodeError,))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ overrides, writes the effective config to ``RUN/config.yaml`` and the split to `
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,11 +14,9 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.exceptions import TyperException
 
-from node.errors import ConfigError
+from node.cli_runner import run_app
 from training import TrainingError
 from training.config import TrainConfig, load_train_config
 from training.data import SliceCache, build_cache, read_rsna, split_by_patient
@@ -27,7 +24,6 @@ from training.engine import extract_features, train_stage1, train_stage2
 from training.evaluate import evaluate
 
 console = Console()
-err = Console(stderr=True)
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train the two-stage PE model (Shi et al., MIDL 2020) on an RSNA-STR PE style dataset.")
 
@@ -115,25 +111,7 @@ def _show(report: dict, run: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run petriage-train; returns the exit code (0 ok, 1 failure, 2 bad usage or configuration)."""
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        app(args=argv, prog_name="petriage-train", standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except TyperException as exc:
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            err.print(f"error: {escape(exc.format_message())}")
-        return exc.exit_code
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        return 2
-    except TrainingError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        return 1
-    return 0
+    return run_app(app, argv, "petriage-train", (TrainingError,))
 
 
 if __name__ == "__main__":

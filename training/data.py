@@ -165,11 +165,12 @@ def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Pat
         return open_cache(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_total = sum(len(s.files) for s in studies)
-    n_masks = 0
+    annotated: dict[str, int] = {}
     for s in studies:
         if s.mask_file is not None:
             with np.load(s.mask_file) as npz:
-                n_masks += len(npz["sop_instance_uid"])
+                annotated[s.study_instance_uid] = len(npz["sop_instance_uid"])
+    n_masks = sum(annotated.values())
     images_path, masks_path = folder / "images.u8", folder / "masks.u8"
     np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(n_total, spec.channels, spec.size, spec.size)).flush()
     np.memmap(masks_path, dtype=np.uint8, mode="w+", shape=(max(n_masks, 1), spec.size, spec.size)).flush()
@@ -177,9 +178,7 @@ def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Pat
     for s in studies:
         jobs.append((s, start, mask_start, str(images_path), str(masks_path), spec.to_dict(), n_total))
         start += len(s.files)
-        if s.mask_file is not None:
-            with np.load(s.mask_file) as npz:
-                mask_start += len(npz["sop_instance_uid"])
+        mask_start += annotated.get(s.study_instance_uid, 0)
     index = []
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -263,7 +263,8 @@ def extract_features(cfg: TrainConfig, cache: SliceCache, run_dir: Path) -> Path
     return out
 
 
-def _sequences(cache: SliceCache, feats: np.ndarray, uids: list[str]):
+def study_sequences(cache: SliceCache, feats: np.ndarray, uids: list[str]):
+    """(features, study label, image labels) of each study, slices head first."""
     seqs = []
     for uid in uids:
         st = cache.study(uid)
@@ -297,7 +298,7 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     device = pick_device(cfg.device)
     seed_everything(cfg.seed + 1)
     feats = np.load(run_dir / "features.npy")
-    train, val = _sequences(cache, feats, splits["train"]), _sequences(cache, feats, splits["val"])
+    train, val = study_sequences(cache, feats, splits["train"]), study_sequences(cache, feats, splits["val"])
     model = StudyNet(feats.shape[1], s.hidden, s.layers, s.rnn, s.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     log, best, best_loss, path = EpochLog(run_dir, "stage2"), -1.0, np.inf, run_dir / "stage2.pt"

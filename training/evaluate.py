@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from training.config import TrainConfig  # noqa: E402
 from training.data import SliceCache  # noqa: E402
-from training.engine import _sequences, load_slice_net, load_study_net, pick_device, study_scores  # noqa: E402
+from training.engine import load_slice_net, load_study_net, pick_device, study_scores, study_sequences  # noqa: E402
 from training.losses import upsample_cam  # noqa: E402
 from training.metrics import (  # noqa: E402
     bootstrap_auc,
@@ -102,7 +102,7 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
     feats = np.load(run_dir / "features.npy")
     slice_logits = np.load(run_dir / "slice_logits.npy")
     study_model = load_study_net(run_dir / "stage2.pt", device)
-    val, test = _sequences(cache, feats, splits["val"]), _sequences(cache, feats, splits["test"])
+    val, test = study_sequences(cache, feats, splits["val"]), study_sequences(cache, feats, splits["test"])
     val_labels, test_labels = np.array([s[1] for s in val]), np.array([s[1] for s in test])
     val_scores, test_scores = study_scores(study_model, val, device), study_scores(study_model, test, device)
     threshold = threshold_for_sensitivity(val_labels, val_scores, cfg.eval.target_sensitivity)
