@@ -17,7 +17,6 @@ from node.commands.phantom import phantom_cmd
 from node.config import Config, load_config
 from node.errors import NodeError
 
-log = logging.getLogger(__name__)
 out = Console()
 err = Console(stderr=True)
 

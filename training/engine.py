@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from node.preprocess import PreprocessSpec
+from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
 from training.config import TrainConfig
 from training.data import SliceCache
@@ -139,7 +139,7 @@ def slice_scores(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: t
     out = []
     with torch.no_grad():
         for lo in range(0, len(rows), batch):
-            x = torch.from_numpy(cache.images[rows[lo:lo + batch]]).to(device).float() / 255.0
+            x = torch.from_numpy(to_float(cache.images[rows[lo:lo + batch]])).to(device)
             out.append(model(x)[0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -186,7 +186,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                                        rng.choice(neg, s.batch_size - n_pos - n_matched)])
                 images, mask, has_mask = _batch(cache, rows, masks)
                 labels = torch.from_numpy(np.isin(np.sort(rows), pos).astype(np.float32)).to(device)
-                x = torch.from_numpy(images).float() / 255.0
+                x = torch.from_numpy(to_float(images))
                 m = torch.from_numpy(mask).float() / 255.0
                 if s.augment:
                     x, m = _augment(x, m, rng)
@@ -221,12 +221,14 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             log.write(row)
             if on_epoch:
                 on_epoch(row)
+            improved = np.isnan(val_auc) or val_auc >= best
+            if improved and not np.isnan(val_auc):
+                best = val_auc
             payload = {"stage": "stage1", "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                        "scheduler": sched.state_dict(), "config": cfg.model_dump(mode="json"),
                        "preprocess": cfg.preprocess.spec().to_dict(), "feature_dim": model.feature_dim,
-                       "best": max(best, val_auc if not np.isnan(val_auc) else best), "val_slice_auc": val_auc}
-            if np.isnan(val_auc) or val_auc >= best:
-                best = val_auc if not np.isnan(val_auc) else best
+                       "best": best, "val_slice_auc": val_auc}
+            if improved:
                 save_checkpoint(best_path, payload)
             save_checkpoint(last, payload)
     return best_path
@@ -252,7 +254,7 @@ def extract_features(cfg: TrainConfig, cache: SliceCache, run_dir: Path) -> Path
     with _progress() as progress, torch.no_grad():
         task = progress.add_task("extracting features", total=n, stage="features")
         for lo in range(0, n, 64):
-            x = torch.from_numpy(np.array(cache.images[lo:lo + 64])).to(device).float() / 255.0
+            x = torch.from_numpy(to_float(cache.images[lo:lo + 64])).to(device)
             logit, feature, _ = model(x)
             feats[lo:lo + len(x)] = feature.float().cpu().numpy()
             logits[lo:lo + len(x)] = logit.float().cpu().numpy()

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from node.preprocess import to_float  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import SliceCache  # noqa: E402
 from training.engine import load_slice_net, load_study_net, pick_device, study_scores, study_sequences  # noqa: E402
@@ -42,7 +43,7 @@ def _cams(model, cache: SliceCache, rows: list[int], device) -> np.ndarray:
     out = []
     with torch.no_grad():
         for lo in range(0, len(rows), 32):
-            x = torch.from_numpy(cache.images[rows[lo:lo + 32]]).to(device).float() / 255.0
+            x = torch.from_numpy(to_float(cache.images[rows[lo:lo + 32]])).to(device)
             cam = model(x)[2]
             out.append(upsample_cam(cam.float(), tuple(x.shape[-2:])).cpu().numpy())
     size = cache.images.shape[-1]
