@@ -39,13 +39,18 @@ def phantom_cmd(
                                                       help="Share of positive studies given pixel masks.")] = 0.3,
     annotated_slice_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of a masked study's positive slices that are annotated.")] = 0.5,
+    min_embolus_mm: Annotated[float, typer.Option(
+        help="Smallest embolus drawn, mm along the vessel (2-20); emboli are drawn up to 20 mm.")] = 2.0,
+    embolus_levels: Annotated[str, typer.Option(
+        help="Artery levels emboli may sit in: comma list of central, lobar, segmental.")] = "central,lobar,segmental",
     workers: Annotated[int, typer.Option(min=1, help="Processes generating studies in parallel.")] = 1,
 ) -> None:
     """Write synthetic CTPA studies (RSNA-STR PE layout, sparse masks) - synthetic, not patient data."""
     try:
         options = PhantomOptions(matrix=matrix, slices=slices, slice_spacing_mm=slice_spacing,
                                  transfer_syntax=transfer_syntax, order=order,
-                                 companions=_companions(companions))
+                                 companions=_companions(companions), min_embolus_mm=min_embolus_mm,
+                                 embolus_levels=tuple(v.strip() for v in embolus_levels.split(",") if v.strip()))
     except PhantomError as exc:
         raise typer.BadParameter(str(exc)) from exc
     start = time.perf_counter()

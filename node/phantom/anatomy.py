@@ -230,7 +230,8 @@ class _Builder:
         return out
 
     # --------------------------------------------------------------- patient
-    def build(self, seed: int, pe: bool, n_emboli: int | None) -> Anatomy:
+    def build(self, seed: int, pe: bool, n_emboli: int | None, min_embolus_mm: float = 2.0,
+              embolus_levels: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> Anatomy:
         rng, s, p, u = self.rng, self.s, self.p, self.u
         a, b = 140.0 * s * u(0.96, 1.04), 100.0 * s * u(0.95, 1.05)
         fat = u(6.0, 24.0)
@@ -378,24 +379,26 @@ class _Builder:
             swirl=np.column_stack([rng.normal(0, 0.12, (4, 3)), rng.uniform(0, 2 * np.pi, 4)]),
             scan_center_z=-45.0 * s,
         )
-        emboli = self.emboli(anatomy, n_emboli) if pe else []
+        emboli = self.emboli(anatomy, n_emboli, min_embolus_mm, embolus_levels) if pe else []
         return replace(anatomy, emboli=emboli, flow_artefacts=self.flow_artefacts(anatomy, emboli))
 
     # ------------------------------------------------------------ findings
-    def emboli(self, anatomy: Anatomy, n_emboli: int | None) -> list[Embolus]:
+    def emboli(self, anatomy: Anatomy, n_emboli: int | None, min_mm: float = 2.0,
+               allowed: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> list[Embolus]:
         rng = self.rng
         n = n_emboli if n_emboli is not None else int(rng.choice([1, 1, 2, 2, 3, 4]))
         levels = list(EMBOLUS_LEVELS)
         out = []
         for _ in range(n):
-            level = str(rng.choice(levels, p=[0.25, 0.35, 0.40]))
+            weights = np.array([0.25, 0.35, 0.40]) * [lv in allowed for lv in levels]
+            level = str(rng.choice(levels, p=weights / weights.sum()))
             candidates = [t for t in anatomy.tubes if t.structure == Structure.PULMONARY_ARTERY
                           and t.level in EMBOLUS_LEVELS[level]]
             tube = candidates[int(rng.integers(0, len(candidates)))]
             arc = tube.arc_length()
             start = self.u(0.05, 0.75) * arc[-1]
             lumen = float(np.interp(start, arc, tube.radii))
-            size = self.u(2.0, 20.0)
+            size = self.u(min_mm, 20.0)
             # A plug closes the lumen only if it is at least as long as the lumen is wide, and sizes
             # stay within 2-20 mm, so wide central arteries get partial (mural, saddle) emboli.
             occlusive = bool(rng.random() < 0.4) and 2.0 * lumen <= 20.0
@@ -431,7 +434,8 @@ class _Builder:
         return out
 
 
-def build_anatomy(seed: int, *, pe: bool, n_emboli: int | None = None, attempt: int = 0) -> Anatomy:
+def build_anatomy(seed: int, *, pe: bool, n_emboli: int | None = None, attempt: int = 0,
+                  min_embolus_mm: float = 2.0, embolus_levels: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> Anatomy:
     """Draw one synthetic patient.
 
     Parameters
@@ -444,7 +448,11 @@ def build_anatomy(seed: int, *, pe: bool, n_emboli: int | None = None, attempt: 
         How many emboli a positive study gets; drawn from 1–4 when omitted.
     attempt
         Another draw for the same seed, used when emboli came out too small for the voxel grid.
+    min_embolus_mm
+        Smallest embolus extent drawn (2-20 mm); a larger floor makes an easier dataset.
+    embolus_levels
+        Artery levels emboli may sit in (central, lobar, segmental).
     """
     if n_emboli is not None and n_emboli < 1 and pe:
         raise ValueError("a PE-positive study needs at least one embolus")
-    return _Builder(np.random.default_rng([seed, attempt])).build(seed, pe, n_emboli)
+    return _Builder(np.random.default_rng([seed, attempt])).build(seed, pe, n_emboli, min_embolus_mm, embolus_levels)

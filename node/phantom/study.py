@@ -39,6 +39,8 @@ class PhantomOptions:
     order: str = "ascending"
     companions: tuple[str, ...] = ()
     n_emboli: int | None = None
+    min_embolus_mm: float = 2.0  # smallest embolus drawn (extent along the vessel); the largest is 20 mm
+    embolus_levels: tuple[str, ...] = ("central", "lobar", "segmental")  # where emboli may sit
     noise: bool = True
 
     def __post_init__(self) -> None:
@@ -49,6 +51,10 @@ class PhantomOptions:
             problems.append(f"slices {self.slices} (expected 1-2000)")
         if not 0.1 <= self.slice_spacing_mm <= 20.0:
             problems.append(f"slice spacing {self.slice_spacing_mm} mm (expected 0.1-20)")
+        if not 2.0 <= self.min_embolus_mm <= 20.0:
+            problems.append(f"smallest embolus {self.min_embolus_mm} mm (expected 2-20)")
+        if not self.embolus_levels or set(self.embolus_levels) - {"central", "lobar", "segmental"}:
+            problems.append(f"embolus levels {list(self.embolus_levels)} (expected some of central, lobar, segmental)")
         if self.transfer_syntax not in TRANSFER_SYNTAXES:
             problems.append(f"transfer syntax {self.transfer_syntax!r} (expected one of "
                             f"{', '.join(TRANSFER_SYNTAXES)})")
@@ -145,7 +151,8 @@ def generate_study(seed: int, *, pe: bool, options: PhantomOptions | None = None
     """
     options = options or PhantomOptions()
     for attempt in range(MAX_ATTEMPTS):
-        anatomy = build_anatomy(seed, pe=pe, n_emboli=options.n_emboli, attempt=attempt)
+        anatomy = build_anatomy(seed, pe=pe, n_emboli=options.n_emboli, attempt=attempt,
+                                min_embolus_mm=options.min_embolus_mm, embolus_levels=options.embolus_levels)
         grid = Grid.axial(matrix=options.matrix, fov_mm=options.fov_mm, slices=options.slices,
                           spacing_mm=options.slice_spacing_mm, center_z=anatomy.scan_center_z)
         image = render(anatomy, grid, noise=options.noise)
