@@ -135,3 +135,20 @@ def resize_mask(mask: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, f
             raise PreprocessError("this preprocessing crops to a field of view: pass the pixel spacing")
         mask = crop_to_field(mask, pixel_mm, spec.field_mm, fill=0.0)
     return np.rint(np.clip(resize(mask, spec.size), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def input_to_pixel(points: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float, float],
+                   spec: PreprocessSpec) -> np.ndarray:
+    """Map (..., 2) (row, column) positions on the model input to positions on the original slice.
+
+    Positions are continuous (0.0 is the first pixel's top-left edge), the inverse of the centre
+    crop or pad and the resize that :func:`preprocess` applies.
+    """
+    points = np.asarray(points, dtype=float)
+    out = np.empty_like(points)
+    for axis, spacing in ((0, pixel_mm[0]), (1, pixel_mm[1])):
+        n = shape[axis]
+        want = n if spec.field_mm is None else max(1, int(round(spec.field_mm / spacing)))
+        offset = (n - want) // 2 if want < n else -((want - n) // 2)
+        out[..., axis] = points[..., axis] * want / spec.size + offset
+    return out

@@ -128,8 +128,8 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
     study, start, mask_start, images_path, masks_path, spec_dict, n_total = args
     spec = PreprocessSpec.from_dict(spec_dict)
     volume = read_volume(study.files)
-    images = np.memmap(images_path, dtype=np.uint8, mode="r+")
-    images = images.reshape(n_total, spec.channels, spec.size, spec.size)
+    images = np.memmap(images_path, dtype=np.uint8, mode="r+",
+                       shape=(n_total, spec.channels, spec.size, spec.size))
     for lo in range(0, len(volume.hu), 64):  # bounded memory for long series
         chunk = preprocess(volume.hu[lo:lo + 64], spec, volume.pixel_spacing_mm)
         images[start + lo:start + lo + len(chunk)] = chunk
@@ -143,7 +143,8 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
         if unknown:
             raise TrainingError(f"{study.mask_file}: {len(unknown)} masks for images not in the study")
         small = resize_mask(masks, spec, volume.pixel_spacing_mm)
-        mm = np.memmap(masks_path, dtype=np.uint8, mode="r+").reshape(-1, spec.size, spec.size)
+        n_masks = os.path.getsize(masks_path) // (spec.size * spec.size)
+        mm = np.memmap(masks_path, dtype=np.uint8, mode="r+", shape=(n_masks, spec.size, spec.size))
         for j, uid in enumerate(uids):
             mm[mask_start + j] = small[j]
             mask_rows[index[uid]] = mask_start + j

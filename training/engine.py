@@ -86,7 +86,9 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
 
 def _rows(cache: SliceCache, uids: set[str]) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """Positive rows, negative rows and {row: mask row} of the given studies."""
-    pos, neg, masks = [], [], {}
+    pos: list[int] = []
+    neg: list[int] = []
+    masks: dict[int, int] = {}
     for st in cache.studies:
         if st["study_instance_uid"] not in uids:
             continue

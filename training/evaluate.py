@@ -45,7 +45,7 @@ def _cams(model, cache: SliceCache, rows: list[int], device) -> np.ndarray:
         for lo in range(0, len(rows), 32):
             x = torch.from_numpy(to_float(cache.images[rows[lo:lo + 32]])).to(device)
             cam = model(x)[2]
-            out.append(upsample_cam(cam.float(), tuple(x.shape[-2:])).cpu().numpy())
+            out.append(upsample_cam(cam.float(), (int(x.shape[-2]), int(x.shape[-1]))).cpu().numpy())
     size = cache.images.shape[-1]
     return np.concatenate(out) if out else np.zeros((0, size, size))
 
@@ -80,7 +80,7 @@ def _cam_grid(path: Path, cache: SliceCache, rows, mask_rows, cams, hits, n: int
         rgb[edge] = [255, 255, 255]
         img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(img)
-        r, c = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        r, c = (int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))
         draw.line([(c - 5, r), (c + 5, r)], fill=(0, 255, 0) if hit else (255, 0, 255), width=2)
         draw.line([(c, r - 5), (c, r + 5)], fill=(0, 255, 0) if hit else (255, 0, 255), width=2)
         tiles.append(img)
@@ -110,6 +110,7 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
     auc = roc_auc(test_labels, test_scores)
     ci = bootstrap_auc(test_labels, test_scores, n=cfg.eval.bootstrap, seed=cfg.seed)
     sens, spec = sensitivity_specificity(test_labels, test_scores, threshold)
+    val_sens, val_spec = sensitivity_specificity(val_labels, val_scores, threshold)
     rows, labels = [], []
     for uid in splits["test"]:
         st = cache.study(uid)
@@ -132,6 +133,7 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
         "study_auc": auc, "study_auc_ci95": list(ci),
         "operating_point": {"threshold": threshold, "chosen_on": "val",
                             "target_sensitivity": cfg.eval.target_sensitivity,
+                            "val_sensitivity": val_sens, "val_specificity": val_spec,
                             "test_sensitivity": sens, "test_specificity": spec},
         "slice_auc_stage1": slice_auc,
         "pointing_game": {"slices": len(a_rows), "tolerance_mm": cfg.eval.pointing_tolerance_mm,

@@ -25,7 +25,7 @@ def attention_loss(cam: torch.Tensor, mask: torch.Tensor, form: str = "mass") ->
         its mass inside the mask; loss = -log(mass inside). ``mse``: the upsampled CAM, min-max
         normalised to 0-1, against the binary mask.
     """
-    up = upsample_cam(cam.float(), tuple(mask.shape[-2:]))
+    up = upsample_cam(cam.float(), (int(mask.shape[-2]), int(mask.shape[-1])))
     target = (mask > 0).float().flatten(1)
     if form == "mass":
         p = torch.softmax(up.flatten(1), dim=1)
