@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from node.cli_runner import run_app
+from node.commands.analyze import analyze_cmd
 from node.commands.demo import demo_cmd
 from node.commands.phantom import phantom_cmd
 from node.config import Config, load_config
@@ -75,6 +76,7 @@ def config_check(
 
 app.command("phantom")(phantom_cmd)
 app.command("demo")(demo_cmd)
+app.command("analyze")(analyze_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

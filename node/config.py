@@ -78,6 +78,8 @@ class ModelSettings(_Section):
 
     bundle: Path = Path("models/demo")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "int8", "fp16"] = "auto"
+    threads: Annotated[int, Field(ge=0, le=256)] = 0  # CPU threads for onnxruntime; 0 lets it decide
 
 
 class Destination(_Section):

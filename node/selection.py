@@ -1,0 +1,111 @@
+"""Which series of a study is the CT pulmonary angiogram (the first rule; the node extends it).
+
+A study forwarded by a scanner usually holds a localizer, the CTPA, and often lung-kernel or thick
+reformats and a non-contrast series. A candidate must be CT, not a localizer, axial, single-frame and at
+least ``MIN_SLICES`` long. Candidates are ranked by:
+
+1. contrast: ``ContrastBolusAgent`` present, or a description that says angio/CTPA/PE;
+2. a soft-tissue kernel (not ``LUNG``/``BONE``-like): the model was trained on soft-tissue images;
+3. thinner slices;
+4. more slices.
+
+The choice and the reason every other series lost are returned, so a log line can say why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.series import SeriesError
+
+MIN_SLICES = 16
+ANGIO = re.compile(r"angio|ctpa|cta\b|\bpe\b|pulmonary|embol", re.IGNORECASE)
+SHARP_KERNEL = re.compile(r"lung|bone|sharp|b[67]\d|[bi][67]\df|yc|ya|l$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    series_instance_uid: str
+    description: str
+    paths: tuple[Path, ...]
+    reason: str
+    rejected: dict[str, str] = field(default_factory=dict)  # SeriesInstanceUID -> why not
+
+
+def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, pydicom.Dataset], list[Path]]:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    first: dict[str, pydicom.Dataset] = {}
+    unreadable = []
+    for p in paths:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            uid = str(ds.SeriesInstanceUID)
+        except (InvalidDicomError, OSError, AttributeError, ValueError):
+            unreadable.append(Path(p))
+            continue
+        groups[uid].append(Path(p))
+        first.setdefault(uid, ds)
+    return groups, first, unreadable
+
+
+def _why_not(ds: pydicom.Dataset, n: int) -> str | None:
+    if str(getattr(ds, "Modality", "")) != "CT":
+        return f"modality {getattr(ds, 'Modality', 'missing')}"
+    if any("LOCALIZER" in str(v).upper() for v in getattr(ds, "ImageType", [])):
+        return "localizer"
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        return "multi-frame"
+    try:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    except (AttributeError, ValueError, TypeError):
+        return "no ImageOrientationPatient"
+    if abs(np.cross(iop[:3], iop[3:])[2]) < 0.9:
+        return "not axial"
+    if n < MIN_SLICES:
+        return f"{n} slices (fewer than {MIN_SLICES})"
+    return None
+
+
+def _rank(ds: pydicom.Dataset, n: int) -> tuple:
+    description = str(getattr(ds, "SeriesDescription", ""))
+    contrast = bool(str(getattr(ds, "ContrastBolusAgent", "")).strip()) or bool(ANGIO.search(description))
+    soft = not SHARP_KERNEL.search(str(getattr(ds, "ConvolutionKernel", "")))
+    thickness = float(getattr(ds, "SliceThickness", 0) or 0) or 99.0
+    return (contrast, soft, -thickness, n)
+
+
+def choose_ctpa(paths: Iterable[Path]) -> SeriesChoice:
+    """Pick the CTPA series among the files of one study."""
+    groups, first, unreadable = _series_of(paths)
+    if not groups:
+        raise SeriesError(f"no readable DICOM files ({len(unreadable)} unreadable)")
+    studies = {str(getattr(ds, "StudyInstanceUID", "")) for ds in first.values()}
+    if len(studies) > 1:
+        raise SeriesError(f"files from {len(studies)} studies; give one study")
+    rejected, ranked = {}, []
+    for uid, files in groups.items():
+        why = _why_not(first[uid], len(files))
+        if why:
+            rejected[uid] = why
+        else:
+            ranked.append((_rank(first[uid], len(files)), uid))
+    if not ranked:
+        raise SeriesError("no series qualifies as a CTPA: " + "; ".join(
+            f"{getattr(first[u], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
+    ranked.sort(reverse=True)
+    (contrast, soft, neg_thickness, n), best = ranked[0]
+    for _, uid in ranked[1:]:
+        rejected[uid] = "ranked lower (contrast, soft-tissue kernel, thinner slices, more slices)"
+    ds = first[best]
+    reason = (f"{n} axial CT slices, {-neg_thickness:g} mm, "
+              f"{'contrast-enhanced' if contrast else 'no contrast information'}, "
+              f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}")
+    return SeriesChoice(best, str(getattr(ds, "SeriesDescription", "")), tuple(sorted(groups[best])), reason, rejected)

@@ -1,0 +1,229 @@
+"""Export to a model bundle, its verification, and the torch-free inference engine and `petriage analyze`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from node.bundle import MANIFEST, BundleError, load_bundle, sha256_of
+from node.cli import main as petriage
+from node.inference import Engine, InferenceError, pick_key_slices
+from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
+from node.preprocess import PreprocessSpec, input_to_pixel, preprocess, to_float
+from node.selection import choose_ctpa
+from node.series import SeriesError, index_series, read_volume
+from onnx_export import ExportError
+from onnx_export.cli import main as export_main
+from onnx_export.graphs import tensor_infos
+from training.cli import main as train_main
+from training.engine import load_slice_net, load_study_net
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PhantomOptions(matrix=96, slices=24, slice_spacing_mm=12.0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny dataset and a tiny run through `petriage-train all` (about 20 s)."""
+    root = tmp_path_factory.mktemp("export")
+    data = root / "data"
+    write_rsna_dataset(data, studies=12, positive_fraction=0.5, seed=11, options=TINY, annotated_fraction=1.0,
+                       annotated_slice_fraction=0.5)
+    run = root / "run"
+    overrides = [f"data.root={data}", "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
+                 "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
+                 "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
+    assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    code = export_main([str(trained_run), "--out", str(out), "--name", "tiny", "--version", "0.0.1", "--fp16",
+                        "--parity-studies", "4", "--check-studies", "4"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def study_dir(tmp_path) -> Path:
+    """One study folder as a scanner sends it: CTPA plus localizer, lung and non-contrast series."""
+    study = generate_study(77, pe=True, options=PhantomOptions(**{**TINY.__dict__, "order": "shuffled",
+                                                                   "companions": ("localizer", "lung",
+                                                                                  "noncontrast")}))
+    write_study(study, tmp_path / "in")
+    return tmp_path / "in"
+
+
+def test_export_writes_checked_onnx_files_with_symbolic_batch_and_length_and_a_manifest(bundle):
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert manifest["format"] == "petriage-bundle/1" and manifest["synthetic_training_data"] is True
+    assert "not for clinical use" in manifest["warning"] and "Not for diagnostic use" in manifest["intended_use"]
+    by_name = {f["path"]: f for f in manifest["files"]}
+    assert {"stage1.onnx", "stage2.onnx", "stage1.int8.onnx", "stage1.fp16.onnx"} <= set(by_name)
+    for f in manifest["files"]:
+        assert sha256_of(bundle / f["path"]) == f["sha256"]
+        onnx.checker.check_model(onnx.load(str(bundle / f["path"])))
+    inputs, outputs = tensor_infos(bundle / "stage2.onnx")
+    assert inputs[0].shape[:2] == ["batch", "slices"]
+    assert {o.name: o.shape for o in outputs} == {"study_logit": ["batch"], "slice_logits": ["batch", "slices"]}
+    inputs, outputs = tensor_infos(bundle / "stage1.onnx")
+    assert inputs[0].shape == ["batch", 3, 64, 64] and all(o.shape[0] == "batch" for o in outputs)
+    assert manifest["parity"]["max_abs_study_probability_difference"] <= 1e-4
+    op = manifest["operating_points"][0]
+    assert 0 <= op["threshold"] <= 1 and op["name"] == manifest["default_operating_point"]
+    assert manifest["preprocess"]["size"] == 64
+
+
+def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(trained_run, bundle, tmp_path):
+    study = generate_study(4242, pe=True, options=TINY)
+    paths = write_study(study, tmp_path)["ctpa"]
+    result = Engine(bundle, device="cpu", precision="fp32").analyze(index_series(paths))
+    volume = read_volume(paths)
+    spec = load_bundle(bundle).spec
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
+    study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
+    with torch.no_grad():
+        x = torch.from_numpy(to_float(preprocess(volume.hu, spec, volume.pixel_spacing_mm)))
+        logit, feats, cams = slice_net(x)
+        study_logit, slice_logits = study_net(feats[None])
+    assert abs(result.probability - torch.sigmoid(study_logit[0]).item()) <= 1e-4
+    np.testing.assert_allclose(result.slice_probabilities, torch.sigmoid(slice_logits[0]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.cams, cams.numpy(), atol=1e-3)
+    assert result.sop_instance_uids == volume.sop_instance_uids
+    assert len(result.key_slices) == 3 and result.model["stage1_precision"] == "fp32"
+
+
+def test_the_int8_and_fp16_variants_are_listed_with_their_measured_difference(bundle):
+    manifest = load_bundle(bundle).manifest
+    for precision in ("int8", "fp16"):
+        entry = manifest.file("stage1", precision)
+        assert entry is not None and entry.max_abs_study_difference is not None
+        assert entry.accepted == (entry.max_abs_study_difference <= 0.01)
+
+
+def test_a_bundle_with_a_changed_byte_is_refused_with_the_file_named(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "stage2.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "stage2.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"stage2\.onnx: sha256 .* does not match"):
+        load_bundle(copy)
+
+
+def test_a_bundle_whose_manifest_spec_differs_from_the_exported_model_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["preprocess"]["windows"][0] = [40.0, 400.0]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="preprocessing spec .* differs"):
+        load_bundle(copy)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="no model.json"):
+        load_bundle(copy)
+
+
+def test_asking_for_cuda_where_onnxruntime_has_none_is_refused_not_run_on_cpu(bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the refusal cannot be shown here")
+    with pytest.raises(InferenceError, match="'cuda' asked for"):
+        Engine(bundle, device="cuda")
+    assert Engine(bundle, device="auto").providers == ["CPUExecutionProvider"]
+
+
+def test_the_probability_does_not_depend_on_file_order(bundle, tmp_path):
+    engine = Engine(bundle, device="cpu")
+    probs = []
+    for order in ("ascending", "shuffled", "reversed"):
+        study = generate_study(9, pe=True, options=PhantomOptions(**{**TINY.__dict__, "order": order}))
+        paths = write_study(study, tmp_path / order)["ctpa"]
+        probs.append(engine.analyze(index_series(sorted(paths)[::-1])).probability)
+    assert probs[0] == probs[1] == probs[2]
+
+
+INFER_WITHOUT_TORCH = r"""
+import importlib.abc, json, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "training", "onnx_export"):
+            raise ImportError(name + " is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from node.cli import main
+code = main(["analyze", sys.argv[1], "--bundle", sys.argv[2], "--json"])
+assert "torch" not in sys.modules and "onnx" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_petriage_analyze_runs_without_torch_and_picks_the_ctpa_series(bundle, study_dir):
+    proc = subprocess.run([sys.executable, "-c", INFER_WITHOUT_TORCH, str(study_dir), str(bundle)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["series"]["description"].startswith("CTPA") and len(out["series"]["other_series"]) == 3
+    assert 0.0 <= out["probability"] <= 1.0 and out["decision"] in ("PE suspected", "PE not suspected")
+    assert out["model"]["providers"] == ["CPUExecutionProvider"] and out["slices"] == TINY.slices
+    assert out["notice"] == "AI triage aid - not for diagnostic use"
+
+
+def test_petriage_analyze_says_what_is_wrong_with_a_bad_folder_or_bundle(bundle, study_dir, tmp_path, capsys):
+    assert petriage(["analyze", str(tmp_path / "nothing"), "--bundle", str(bundle)]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.dcm").write_bytes(b"not dicom")
+    assert petriage(["analyze", str(tmp_path / "junk"), "--bundle", str(bundle)]) == 1
+    assert "no readable DICOM files" in capsys.readouterr().err
+    assert petriage(["analyze", str(study_dir), "--bundle", str(tmp_path)]) == 1
+    assert "no model.json" in capsys.readouterr().err
+
+
+def test_series_selection_prefers_contrast_soft_kernel_thin_slices_and_ignores_localizers(study_dir):
+    choice = choose_ctpa(p for p in study_dir.rglob("*.dcm"))
+    assert choice.description.startswith("CTPA")
+    assert sorted(choice.rejected.values()).count("localizer") == 1
+    others = [p for p in study_dir.rglob("*.dcm") if p.parent != choice.paths[0].parent]
+    assert choose_ctpa(others).description.startswith("Lung")  # contrast beats the non-contrast series
+    localizer = [p for p in others if choice.rejected.get(p.parent.name) == "localizer"]
+    with pytest.raises(SeriesError, match="no series qualifies as a CTPA: .*localizer"):
+        choose_ctpa(localizer)
+
+
+def test_export_refuses_a_run_that_has_not_finished(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 1
+    assert "missing (export needs a run that finished" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ExportError):
+        from onnx_export.export import export_run
+
+        export_run(tmp_path / "run", tmp_path / "b", name="x", version="0")
+
+
+def test_key_slices_are_the_most_probable_and_apart():
+    probs = np.array([0.1, 0.9, 0.85, 0.2, 0.3, 0.8, 0.1, 0.05])
+    assert pick_key_slices(probs, 3, gap=3) == [1, 5]  # 2 and 7 lie next to stronger ones
+    assert pick_key_slices(probs, 3, gap=1) == [1, 2, 5]
+
+
+def test_input_positions_map_back_to_the_original_slice_through_crop_and_resize():
+    spec = PreprocessSpec(size=64, field_mm=200.0)
+    # 512 px at 0.5 mm: a 200 mm field is 400 px centred at 56..456; 64 input px cover 400 px.
+    assert np.allclose(input_to_pixel(np.array([0.0, 32.0]), (512, 512), (0.5, 0.5), spec), [56.0, 256.0])
+    padded = PreprocessSpec(size=64, field_mm=400.0)  # 128 px at 2 mm padded to 200 px
+    assert np.allclose(input_to_pixel(np.array([32.0, 0.0]), (128, 128), (2.0, 2.0), padded), [64.0, -36.0])
