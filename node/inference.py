@@ -24,7 +24,7 @@ import numpy as np
 
 from node.bundle import Bundle, ModelFile, load_bundle
 from node.errors import NodeError
-from node.preprocess import input_to_pixel, preprocess, to_float
+from node.preprocess import average_slabs, input_to_pixel, preprocess, slab_size, to_float
 from node.series import SeriesIndex, iter_hu
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class StudyResult:
     sop_instance_uids: tuple[str, ...]
     slice_probabilities: np.ndarray  # (n,) stage 2, head first
     slice_scores: np.ndarray  # (n,) stage-1 probabilities
-    cams: np.ndarray  # (n, h, w) float32, stage-1 CAM in logit units, on the model-input grid
+    cams: np.ndarray  # (n, h, w) float32, stage-1 CAM (of the slice's slab) in logit units, model-input grid
     key_slices: list[KeySlice]
     model: dict = field(default_factory=dict)  # name, version, synthetic flag, precision, providers
     seconds: float = 0.0
@@ -120,6 +120,9 @@ class Engine:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Slices are decoded in Python between runs: spinning intra-op threads would take those
+        # cores (measured, benchmarks/inference.py, 300 slices, 2 threads: fp32 end to end 3.73 s -> 2.66 s).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort, self._options = ort, options
         self.stage1_file = self._choose("stage1", precision, want_cuda)
         self.stage2_file = self._choose("stage2", precision, want_cuda)
@@ -178,37 +181,50 @@ class Engine:
 
     def analyze(self, index: SeriesIndex, *, operating_point: str | None = None,
                 progress: Progress | None = None) -> StudyResult:
-        """Run both stages on one sorted series."""
+        """Run both stages on one sorted series.
+
+        Thin slices are first averaged into slabs of the spec's ``slab_mm`` (the model's training
+        spacing); per-slice outputs are given for every source slice (each slice gets its slab's value)
+        and a key slice is the middle slice of its slab.
+        """
         start = time.perf_counter()
         n = len(index)
         if n < 2:
             raise InferenceError(f"series has {n} slice(s); the model needs a volume")
-        logits = np.zeros(n, dtype=np.float32)
+        spacing = float(np.median(np.abs(np.diff(index.positions_mm))))
+        k = slab_size(spacing, self.spec)
+        m_slabs = -(-n // k)
+        logits = np.zeros(m_slabs, dtype=np.float32)
         feats: np.ndarray | None = None
         cams: np.ndarray | None = None
-        for lo, hu in iter_hu(index, self.batch):
-            lg, ft, cm = self.run_slices(preprocess(hu, self.spec, index.pixel_spacing_mm))
+        for lo, hu in iter_hu(index, self.batch * k):
+            slabs = average_slabs(hu, k)
+            j = lo // k
+            lg, ft, cm = self.run_slices(preprocess(slabs, self.spec, index.pixel_spacing_mm))
             if feats is None or cams is None:
-                feats = np.zeros((n, ft.shape[1]), dtype=np.float32)
-                cams = np.zeros((n, *cm.shape[1:]), dtype=np.float32)
-            logits[lo:lo + len(hu)], feats[lo:lo + len(hu)], cams[lo:lo + len(hu)] = lg, ft, cm
+                feats = np.zeros((m_slabs, ft.shape[1]), dtype=np.float32)
+                cams = np.zeros((m_slabs, *cm.shape[1:]), dtype=np.float32)
+            logits[j:j + len(slabs)], feats[j:j + len(slabs)], cams[j:j + len(slabs)] = lg, ft, cm
             if progress:
                 progress(lo + len(hu), n)
         assert feats is not None and cams is not None
-        probability, slice_probs = self.run_study(feats)
+        probability, slab_probs = self.run_study(feats)
         m = self.bundle.manifest
         op = m.operating_point(operating_point)
         stride = m.cam_stride
         keys = []
-        for i in pick_key_slices(slice_probs, m.key_slices):
-            r, c = np.unravel_index(int(np.argmax(cams[i])), cams[i].shape)
+        for j in pick_key_slices(slab_probs, m.key_slices):
+            i = min(n - 1, j * k + (min(n, (j + 1) * k) - j * k) // 2)  # the middle slice of slab j
+            r, c = np.unravel_index(int(np.argmax(cams[j])), cams[j].shape)
             row, col = input_to_pixel(np.array([(r + 0.5) * stride, (c + 0.5) * stride]), index.shape,
                                       index.pixel_spacing_mm, self.spec)
-            keys.append(KeySlice(i, index.sop_instance_uids[i], float(slice_probs[i]), float(row), float(col)))
+            keys.append(KeySlice(i, index.sop_instance_uids[i], float(slab_probs[j]), float(row), float(col)))
+        per_slice = np.repeat(np.arange(m_slabs), k)[:n]
         return StudyResult(
             index.study_instance_uid, index.series_instance_uid, probability, probability >= op.threshold,
-            op.threshold, op.name, index.sop_instance_uids, slice_probs, _sigmoid(logits).astype(np.float32),
-            cams, keys, model=self.describe(), seconds=time.perf_counter() - start)
+            op.threshold, op.name, index.sop_instance_uids, slab_probs[per_slice],
+            _sigmoid(logits[per_slice]).astype(np.float32), cams[per_slice], keys,
+            model=self.describe() | {"slab_slices": k}, seconds=time.perf_counter() - start)
 
     def describe(self) -> dict:
         m = self.bundle.manifest

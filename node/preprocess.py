@@ -28,6 +28,9 @@ class PreprocessSpec:
     windows: tuple[tuple[float, float], ...] = ((100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0))
     size: int = 192
     field_mm: float | None = None  # square field of view kept around the image centre; None keeps all
+    #: Slices thinner than this are averaged into slabs about this thick before anything else (the
+    #: slice spacing the model was trained on), so a 1 mm series looks like the 4.5 mm training data.
+    slab_mm: float | None = None
     resample: str = "area"
     version: int = 1
 
@@ -38,6 +41,8 @@ class PreprocessSpec:
             raise PreprocessError(f"size {self.size} is outside 16-1024")
         if self.field_mm is not None and not 50.0 <= self.field_mm <= 1000.0:
             raise PreprocessError(f"field_mm {self.field_mm} is outside 50-1000")
+        if self.slab_mm is not None and not 0.5 <= self.slab_mm <= 20.0:
+            raise PreprocessError(f"slab_mm {self.slab_mm} is outside 0.5-20")
         if self.resample != "area" or self.version != 1:
             raise PreprocessError(f"unknown preprocessing (resample={self.resample!r}, version={self.version})")
 
@@ -53,9 +58,9 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessSpec:
         try:
-            field = data.get("field_mm")
+            field, slab = data.get("field_mm"), data.get("slab_mm")
             return cls(windows=tuple((float(c), float(w)) for c, w in data["windows"]), size=int(data["size"]),
-                       field_mm=None if field is None else float(field),
+                       field_mm=None if field is None else float(field), slab_mm=None if slab is None else float(slab),
                        resample=str(data.get("resample", "area")), version=int(data.get("version", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise PreprocessError(f"not a preprocessing spec: {data!r}") from exc
@@ -152,3 +157,18 @@ def input_to_pixel(points: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[f
         offset = (n - want) // 2 if want < n else -((want - n) // 2)
         out[..., axis] = points[..., axis] * want / spec.size + offset
     return out
+
+
+def slab_size(spacing_mm: float, spec: PreprocessSpec) -> int:
+    """How many consecutive slices of this spacing make one slab of about ``spec.slab_mm``."""
+    if spec.slab_mm is None or spacing_mm <= 0:
+        return 1
+    return max(1, int(round(spec.slab_mm / spacing_mm)))
+
+
+def average_slabs(hu: np.ndarray, k: int) -> np.ndarray:
+    """(N, H, W) slices to (ceil(N / k), H, W) slabs: the mean of each run of ``k`` slices (the last may be shorter)."""
+    if k == 1:
+        return hu
+    starts = np.arange(0, len(hu), k)
+    return np.add.reduceat(hu.astype(np.float32), starts, axis=0) / np.diff(np.append(starts, len(hu)))[:, None, None]

@@ -39,6 +39,7 @@ def trained_run(tmp_path_factory) -> Path:
                        annotated_slice_fraction=0.5)
     run = root / "run"
     overrides = [f"data.root={data}", "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
+                 "preprocess.slab_mm=12",
                  "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
                  "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
     assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0
@@ -109,6 +110,22 @@ def test_the_int8_and_fp16_variants_are_listed_with_their_measured_difference(bu
         entry = manifest.file("stage1", precision)
         assert entry is not None and entry.max_abs_study_difference is not None
         assert entry.accepted == (entry.max_abs_study_difference <= 0.01)
+
+
+def test_thin_slices_are_averaged_into_slabs_of_the_training_spacing_before_the_model(trained_run, bundle, tmp_path):
+    thin = PhantomOptions(**{**TINY.__dict__, "slices": 96, "slice_spacing_mm": 3.0})  # same coverage, 4x thinner
+    paths = write_study(generate_study(31, pe=True, options=thin), tmp_path)["ctpa"]
+    result = Engine(bundle, device="cpu", precision="fp32").analyze(index_series(paths))
+    assert result.model["slab_slices"] == 4 and len(result.slice_probabilities) == 96
+    assert all(k.index % 4 == 2 for k in result.key_slices)  # the middle slice of a 4-slice slab
+    volume = read_volume(paths)
+    slabs = volume.hu.reshape(24, 4, *volume.hu.shape[1:]).mean(axis=1)
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
+    study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
+    with torch.no_grad():
+        x = torch.from_numpy(to_float(preprocess(slabs, load_bundle(bundle).spec, volume.pixel_spacing_mm)))
+        expected = torch.sigmoid(study_net(slice_net(x)[1][None])[0]).item()
+    assert abs(result.probability - expected) <= 1e-4
 
 
 def test_a_bundle_with_a_changed_byte_is_refused_with_the_file_named(bundle, tmp_path):
@@ -227,3 +244,26 @@ def test_input_positions_map_back_to_the_original_slice_through_crop_and_resize(
     assert np.allclose(input_to_pixel(np.array([0.0, 32.0]), (512, 512), (0.5, 0.5), spec), [56.0, 256.0])
     padded = PreprocessSpec(size=64, field_mm=400.0)  # 128 px at 2 mm padded to 200 px
     assert np.allclose(input_to_pixel(np.array([32.0, 0.0]), (128, 128), (2.0, 2.0), padded), [64.0, -36.0])
+
+
+DEMO = ROOT / "models" / "demo"
+DEMO_DATA = PhantomOptions(matrix=256, slices=64, slice_spacing_mm=4.5, min_embolus_mm=10.0,
+                           embolus_levels=("central", "lobar"))
+
+
+def test_the_committed_demo_bundle_verifies_is_small_and_says_it_is_synthetic():
+    bundle = load_bundle(DEMO)
+    m = bundle.manifest
+    assert m.synthetic_training_data and m.warning == "synthetic training data - not for clinical use"
+    assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 25 * 2**20
+    assert m.spec().slab_mm == 4.5 and m.parity["max_abs_study_probability_difference"] <= 1e-4
+    assert "not for clinical use" in (DEMO / "COMMANDS.md").read_text()
+
+
+def test_the_demo_bundle_ranks_fresh_positive_studies_above_fresh_negative_ones(tmp_path):
+    engine = Engine(DEMO, device="cpu")
+    probs = {}
+    for seed, pe in ((910001, True), (910002, False), (910003, True), (910004, False)):
+        paths = write_study(generate_study(seed, pe=pe, options=DEMO_DATA), tmp_path / str(seed))["ctpa"]
+        probs[seed] = engine.analyze(index_series(paths)).probability
+    assert min(probs[910001], probs[910003]) > max(probs[910002], probs[910004]), probs

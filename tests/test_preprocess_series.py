@@ -11,11 +11,13 @@ from node.phantom import write_study
 from node.preprocess import (
     PreprocessError,
     PreprocessSpec,
+    average_slabs,
     crop_to_field,
     input_pixel_mm,
     preprocess,
     resize,
     resize_mask,
+    slab_size,
 )
 from node.series import SeriesError, read_volume
 
@@ -83,3 +85,13 @@ def test_read_volume_refuses_mixed_series(positive_study, negative_study, tmp_pa
     ds.save_as(tmp_path / "broken.dcm")
     with pytest.raises(SeriesError, match="ImageOrientationPatient"):
         read_volume([tmp_path / "broken.dcm"])
+
+
+def test_slabs_average_runs_of_slices_and_keep_a_short_last_one():
+    hu = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), dtype=np.float32)
+    slabs = average_slabs(hu, 4)
+    assert slabs.shape == (3, 2, 2) and list(slabs[:, 0, 0]) == [1.5, 5.5, 8.5]
+    assert average_slabs(hu, 1) is hu
+    spec = PreprocessSpec(slab_mm=4.5)
+    assert [slab_size(s, spec) for s in (1.0, 1.25, 3.0, 4.5, 5.0)] == [4, 4, 2, 1, 1]
+    assert slab_size(1.0, PreprocessSpec()) == 1

@@ -29,9 +29,13 @@ class PreprocessSettings(_Section):
     windows: list[tuple[float, float]] = [(100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0)]
     size: int = Field(default=192, ge=32, le=1024)
     field_mm: float | None = Field(default=None, ge=50, le=1000)  # centre crop in mm before resizing
+    # Thinner series are averaged into slabs of about this thickness at inference: set it to the
+    # training data's slice spacing (training itself needs data at that spacing).
+    slab_mm: float | None = Field(default=None, ge=0.5, le=20)
 
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm)
+        return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm,
+                              slab_mm=self.slab_mm)
 
 
 class Stage1Settings(_Section):

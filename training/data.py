@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.preprocess import PreprocessSpec, input_pixel_mm, preprocess, resize_mask
+from node.preprocess import PreprocessSpec, input_pixel_mm, preprocess, resize_mask, slab_size
 from node.series import read_volume
 from training import TrainingError
 
@@ -128,6 +128,11 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
     study, start, mask_start, images_path, masks_path, spec_dict, n_total = args
     spec = PreprocessSpec.from_dict(spec_dict)
     volume = read_volume(study.files)
+    spacing = float(np.median(np.abs(np.diff(volume.positions_mm)))) if len(volume.hu) > 1 else 0.0
+    if slab_size(spacing, spec) != 1:
+        raise TrainingError(f"study {study.study_instance_uid}: slice spacing {spacing:.2f} mm is much thinner than "
+                            f"preprocess.slab_mm {spec.slab_mm} (training on averaged slabs is not supported yet; "
+                            "set slab_mm to the data's slice spacing or null)")
     images = np.memmap(images_path, dtype=np.uint8, mode="r+",
                        shape=(n_total, spec.channels, spec.size, spec.size))
     for lo in range(0, len(volume.hu), 64):  # bounded memory for long series
