@@ -45,6 +45,7 @@ def demo_cmd(
     hu_table.add_column("structure")
     files: list[Path] = []
     pngs: list[Path] = []
+    ctpa: list[tuple[bool, list[Path]]] = []
     stats = []
     for pe, study_seed in ((True, seed), (False, seed + 1)):
         start = time.perf_counter()
@@ -54,6 +55,7 @@ def demo_cmd(
             pngs += write_previews(study, out_dir / "png", prefix="positive" if pe else "negative")
         seconds = time.perf_counter() - start
         files += [p for paths in written.values() for p in paths]
+        ctpa.append((study.pe_present, written["ctpa"]))
         stats.append(study.structure_hu())
         emboli = ", ".join(f"{e.level} {e.size_mm:.0f} mm" for e in study.emboli) or "-"
         table.add_row(study.identity.study_instance_uid[-10:], "yes" if study.pe_present else "no", emboli,
@@ -81,5 +83,31 @@ def demo_cmd(
     else:
         out.print("dciodvfy not installed: DICOM validation skipped (make test installs it)")
     out.print("PNG views: " + ", ".join(str(p) for p in pngs))
-    out.print("The DICOM node (receive, analyse, send SC + SR) is not built yet; this demo shows its input.")
+    _analyse(cfg, ctpa)
+    out.print("The DICOM listener stores what it receives (node/scp.py); study assembly, the worker and sending "
+              "SC + SR back come next. This demo runs the model offline, as `petriage analyze` does.")
     return status
+
+
+def _analyse(cfg, ctpa: list[tuple[bool, list[Path]]]) -> None:
+    """Run the configured bundle on each CTPA series, as `petriage analyze` would."""
+    from node.inference import Engine
+    from node.series import index_series
+
+    engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
+                    threads=cfg.model.threads or None)
+    m = engine.describe()
+    out.print(f"model {m['name']} {m['version']} ({m['stage1_precision']}, {', '.join(m['providers'])})"
+              + (" - synthetic training data, not for clinical use" if m["synthetic_training_data"] else ""),
+              soft_wrap=True)
+    table = Table(title="the bundled model on each CTPA series")
+    for col in ("truth", "slices", "probability", "threshold", "decision", "key slices", "seconds"):
+        table.add_column(col)
+    for pe, paths in ctpa:
+        with out.status("analysing the CTPA series"):
+            result = engine.analyze(index_series(paths))
+        table.add_row("PE" if pe else "no PE", str(len(paths)), f"{result.probability:.3f}", f"{result.threshold:.3f}",
+                      "PE suspected" if result.positive else "not suspected",
+                      ", ".join(f"#{k.index}" for k in result.key_slices), f"{result.seconds:.1f}")
+    out.print(table)
+    out.print("AI triage aid - not for diagnostic use.")
