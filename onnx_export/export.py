@@ -127,7 +127,7 @@ def _git_commit() -> str | None:
 
 
 def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: bool = True, fp16: bool = False,
-               parity_studies: int = 8, check_studies: int = 16, calibration_slices: int = 128, threads: int = 2,
+               parity_studies: int = 8, check_studies: int = 16, calibration_slices: int = 256, threads: int = 2,
                command: str = "", say: Say = print) -> Manifest:
     """Export ``run_dir`` (a finished ``petriage-train all`` run) to the bundle folder ``out_dir``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)

@@ -1,7 +1,10 @@
 """Smaller or faster variants of the fp32 stage-1 file: int8 for CPUs, fp16 for GPUs.
 
-int8: onnxruntime static quantisation in QDQ form, per-channel weights, only the convolutions (the
-linear CAM head and the pooling stay fp32), activations calibrated (min-max) on real slices.
+int8: onnxruntime static quantisation in QDQ form, per-channel weights, the convolutions only (the
+linear CAM head and the pooling stay fp32) except the stem, activations calibrated (min-max) on real
+slices. Measured on the demo run, keeping the stem convolution in fp32 cut the largest study
+probability difference on 10 validation studies from 0.12 to 0.037 at the same speed class;
+excluding the last stage instead did not help (0.124).
 fp16: every float tensor halved, inputs and outputs kept float32 so callers do not change.
 Whether a variant may be used is decided by the caller (study probabilities against fp32).
 """
@@ -33,12 +36,15 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 1
     """Write a QDQ int8 copy of ``fp32`` calibrated on ``calibration`` (N, C, S, S) float32 0-1."""
     if len(calibration) == 0:
         raise ExportError("int8 needs calibration slices")
+    calibration = calibration[: max(batch, len(calibration) // batch * batch)]  # equal batches for the calibrator
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+        stem = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"][:1]
         reader = _Slices("image", (calibration[i:i + batch] for i in range(0, len(calibration), batch)))
         quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                        nodes_to_exclude=stem)
     _copy_metadata(fp32, out)
 
 
