@@ -51,6 +51,11 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for modalities on the network
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 10
+    max_pdu_size: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # bytes we accept per PDU; 0 = no limit
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
 class StorageSettings(_Section):

@@ -1,0 +1,122 @@
+"""The DICOM listener: DCMTK echoscu/storescu as the modality, the spool and the store checked after."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from conftest import SMALL, free_port, require_tool
+from node.config import Config, load_config
+from node.phantom import PhantomOptions, generate_study, write_study
+from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, start_scp
+from node.spool import instance_path, sweep_partials, write_atomic
+from node.store import Store, StudyState, database_url
+
+OPTS = PhantomOptions(**{**SMALL.__dict__, "slices": 24, "slice_spacing_mm": 12.0})
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[tuple[Config, Store]]:
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
+                                                   f"node.port={free_port()}", "node.allowed_calling_aets=[MODALITY]"])
+    (tmp_path / "var").mkdir()
+    store = Store(database_url(cfg.storage.root))
+    server = start_scp(cfg, store)
+    try:
+        yield cfg, store
+    finally:
+        server.shutdown()
+
+
+def _storescu(cfg: Config, folder: Path, *extra: str, aet: str = "MODALITY") -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("storescu"), "-aet", aet, "-aec", cfg.node.ae_title, "+sd", "+r", *extra,
+                           "127.0.0.1", str(cfg.node.port), str(folder)], capture_output=True, text=True,
+                          timeout=120, env={"TCP_NODELAY": "1"})
+
+
+def test_echo_answers_success_to_an_allowed_caller(node):
+    cfg, _ = node
+    proc = subprocess.run([require_tool("echoscu"), "-aet", "MODALITY", "-aec", cfg.node.ae_title, "127.0.0.1",
+                           str(cfg.node.port)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("syntax, flag", [("explicit", "-xe"), ("jpeg2000", "-xv")])
+def test_a_series_from_storescu_is_spooled_byte_for_byte_and_recorded_once(node, tmp_path, syntax, flag):
+    cfg, store = node
+    study = generate_study(61, pe=True, options=PhantomOptions(**{**OPTS.__dict__, "transfer_syntax": syntax,
+                                                                   "order": "shuffled"}))
+    paths = write_study(study, tmp_path / "out")["ctpa"]
+    proc = _storescu(cfg, tmp_path / "out", flag)
+    assert proc.returncode == 0, proc.stderr
+    uid = study.identity.study_instance_uid
+    row = store.study(uid)
+    assert row is not None and row["instances"] == len(paths) and row["state"] == StudyState.RECEIVING
+    for p in paths:
+        sent = pydicom.dcmread(p)
+        spooled = instance_path(cfg.storage.root / "spool", uid, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+        got = pydicom.dcmread(spooled)
+        assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID  # the sender's bytes kept
+        assert got.PixelData == sent.PixelData
+    # the same series again: every instance is a duplicate, nothing counted twice
+    assert _storescu(cfg, tmp_path / "out", flag).returncode == 0
+    assert store.study(uid)["instances"] == len(paths)
+    assert sum(e["kind"] == "duplicate" for e in store.events_of(uid)) == len(paths)
+
+
+def test_a_caller_outside_the_allow_list_is_rejected_and_nothing_is_stored(node, tmp_path):
+    cfg, store = node
+    study = generate_study(62, pe=False, options=OPTS)
+    write_study(study, tmp_path / "out")
+    proc = _storescu(cfg, tmp_path / "out", aet="STRANGER")
+    assert proc.returncode != 0
+    assert store.study(study.identity.study_instance_uid) is None
+    assert not any((cfg.storage.root / "spool").rglob("*.dcm"))
+
+
+def _send(cfg: Config, ds: pydicom.Dataset) -> int:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_uid_that_could_leave_the_spool_is_refused_with_cannot_understand(node, tmp_path):
+    cfg, store = node
+    path = write_study(generate_study(63, pe=False, options=OPTS), tmp_path / "out")["ctpa"][0]
+    ds = pydicom.dcmread(path)
+    good = _send(cfg, ds)
+    ds.StudyInstanceUID = "../../etc"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    assert (good, _send(cfg, ds)) == (SUCCESS, CANNOT_UNDERSTAND)
+    assert store.study("../../etc") is None and not (cfg.storage.root / "etc").exists()
+
+
+def test_a_spool_that_cannot_be_written_answers_out_of_resources_and_records_nothing(node, tmp_path):
+    cfg, store = node
+    (cfg.storage.root / "spool").write_text("a file where the spool folder should be")
+    ds = pydicom.dcmread(write_study(generate_study(64, pe=False, options=OPTS), tmp_path / "out")["ctpa"][0])
+    assert _send(cfg, ds) == OUT_OF_RESOURCES
+    assert store.study(ds.StudyInstanceUID) is None
+
+
+def test_an_interrupted_write_leaves_no_instance_and_the_sweep_removes_its_temporary_file(tmp_path):
+    target = tmp_path / "1.2" / "3.4" / "5.6.dcm"
+
+    with pytest.raises(TypeError):
+        write_atomic(target, object())  # type: ignore[arg-type]  # fails while writing
+    assert not target.exists() and not list(tmp_path.rglob("*.tmp"))
+    (tmp_path / "1.2" / "3.4" / ".5.6.dcm.dead.tmp").write_bytes(b"partial")
+    assert sweep_partials(tmp_path) == 1 and not list(tmp_path.rglob("*.tmp"))
