@@ -41,6 +41,19 @@ class StudyState(StrEnum):
     COMPLETE = "complete"
 
 
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED, JobState.CANCELLED)
+
+
 metadata = MetaData()
 
 instances = Table(
@@ -65,6 +78,21 @@ studies = Table(
     Column("first_received_at", DateTime(timezone=True), nullable=False),
     Column("last_received_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_instance_uid", String(64), nullable=False, index=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("result", Text),  # JSON summary of the analysis (no patient data)
 )
 
 events = Table(
@@ -93,6 +121,11 @@ class Received:
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def naive_utc(value: dt.datetime) -> dt.datetime:
+    """UTC without tzinfo: SQLite hands datetimes back naive, PostgreSQL aware; compare them like this."""
+    return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -160,6 +193,105 @@ class Store:
                 return True
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record instance of study ...{item.study_instance_uid[-8:]}: {exc}") from exc
+
+    def complete_quiet_studies(self, now: dt.datetime, quiet_seconds: float, max_wait_seconds: float) -> list[str]:
+        """Mark receiving studies complete (quiet long enough, or waiting too long) and queue a job for each.
+
+        A study reopened by a late instance is queued again when it is quiet again: once, however many
+        late instances arrived. A study that already has a queued job gets no second one.
+        """
+        quiet_before = now - dt.timedelta(seconds=quiet_seconds)
+        started_before = now - dt.timedelta(seconds=max_wait_seconds)
+        done: list[str] = []
+        try:
+            with self.engine.begin() as conn:
+                rows = conn.execute(select(studies.c.study_instance_uid, studies.c.last_received_at).where(
+                    studies.c.state == StudyState.RECEIVING,
+                    (studies.c.last_received_at <= quiet_before) | (studies.c.first_received_at <= started_before),
+                )).all()
+                for row in rows:
+                    uid = row.study_instance_uid
+                    why = "quiet" if naive_utc(row.last_received_at) <= naive_utc(quiet_before) else "max-wait"
+                    changed = conn.execute(update(studies).where(studies.c.study_instance_uid == uid,
+                                                                 studies.c.state == StudyState.RECEIVING)
+                                           .values(state=StudyState.COMPLETE, completed_at=now)).rowcount
+                    if changed != 1:
+                        continue
+                    conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="study-complete",
+                                                       detail=why))
+                    queued = conn.execute(select(jobs.c.id).where(jobs.c.study_instance_uid == uid,
+                                                                  jobs.c.state == JobState.QUEUED)).first()
+                    if queued is None:
+                        job = conn.execute(insert(jobs).values(study_instance_uid=uid, state=JobState.QUEUED,
+                                                               priority=0, attempts=0, created_at=now,
+                                                               updated_at=now)).inserted_primary_key
+                        conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="job-queued",
+                                                           detail=f"job {job[0] if job else '?'}"))
+                    done.append(uid)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot complete studies: {exc}") from exc
+        return done
+
+    def claim_job(self, owner: str, lease_seconds: float, now: dt.datetime) -> dict | None:
+        """Lease the most urgent queued job (or one whose lease ran out: its worker died); None if none.
+
+        The claim is a conditional UPDATE checked by its row count, so two workers never get the same
+        job on SQLite or PostgreSQL alike.
+        """
+        expires = now + dt.timedelta(seconds=lease_seconds)
+        try:
+            with self.engine.begin() as conn:
+                candidates = conn.execute(select(jobs.c.id).where(
+                    (jobs.c.state == JobState.QUEUED)
+                    | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now))
+                ).order_by(jobs.c.priority.desc(), jobs.c.id).limit(5)).all()
+                for (job_id,) in candidates:
+                    taken = conn.execute(update(jobs).where(
+                        jobs.c.id == job_id,
+                        (jobs.c.state == JobState.QUEUED)
+                        | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now)),
+                    ).values(state=JobState.RUNNING, lease_owner=owner, lease_expires_at=expires,
+                             attempts=jobs.c.attempts + 1, updated_at=now)).rowcount
+                    if taken == 1:
+                        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+                        conn.execute(insert(events).values(at=now, study_instance_uid=row.study_instance_uid,
+                                                           kind="job-claimed", detail=f"job {job_id} by {owner}, "
+                                                           f"attempt {row.attempts}"))
+                        return dict(row._mapping)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot claim a job: {exc}") from exc
+        return None
+
+    def heartbeat(self, job_id: int, owner: str, lease_seconds: float, now: dt.datetime) -> bool:
+        """Extend a held lease; False if the lease was lost (another worker took the job)."""
+        with self.engine.begin() as conn:
+            return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                   jobs.c.state == JobState.RUNNING)
+                                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                                        updated_at=now)).rowcount == 1
+
+    def finish_job(self, job_id: int, owner: str, state: JobState, reason: str, now: dt.datetime,
+                   result: str | None = None) -> bool:
+        """Record a job's outcome, only if ``owner`` still holds it; False otherwise (nothing changed)."""
+        try:
+            with self.engine.begin() as conn:
+                changed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                          jobs.c.state == JobState.RUNNING)
+                                       .values(state=state, reason=reason, result=result, lease_expires_at=None,
+                                               updated_at=now)).rowcount
+                if changed == 1:
+                    uid = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar_one()
+                    conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind=f"job-{state}",
+                                                       detail=f"job {job_id}: {reason}"))
+                return changed == 1
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot finish job {job_id}: {exc}") from exc
+
+    def jobs_of(self, study_instance_uid: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.study_instance_uid == study_instance_uid)
+                                .order_by(jobs.c.id)).all()
+        return [dict(r._mapping) for r in rows]
 
     def study(self, study_instance_uid: str) -> dict | None:
         with self.engine.connect() as conn:

@@ -1,0 +1,43 @@
+"""Study completion: a study is complete when no instance of it has arrived for ``quiet_seconds``, or
+``max_wait_seconds`` after its first instance, whichever comes first.
+
+The decision lives in the store (``Store.complete_quiet_studies``), so half-received studies survive a
+restart of the node: the sweep simply finds them again. APScheduler runs the sweep every few seconds;
+tests call ``Assembler.sweep`` with a supplied clock instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import StudySettings
+from node.store import Store, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Assembler:
+    """Marks quiet studies complete and queues them for analysis."""
+
+    def __init__(self, store: Store, settings: StudySettings, clock: Callable[[], dt.datetime] = utcnow):
+        self.store, self.settings, self.clock = store, settings, clock
+
+    def sweep(self) -> list[str]:
+        done = self.store.complete_quiet_studies(self.clock(), self.settings.quiet_seconds,
+                                                 self.settings.max_wait_seconds)
+        for uid in done:
+            log.info("study ...%s complete, queued for analysis", uid[-8:])
+        return done
+
+
+def start_sweeper(assembler: Assembler, interval_seconds: float = 2.0) -> BackgroundScheduler:
+    """Run ``assembler.sweep`` every ``interval_seconds`` in a background thread; returns the scheduler."""
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(assembler.sweep, "interval", seconds=interval_seconds, id="study-sweep",
+                      max_instances=1, coalesce=True)
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,150 @@
+"""Study completion with a supplied clock, job leases, and the worker on real phantom files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import SMALL
+from node.assembly import Assembler
+from node.config import StudySettings
+from node.inference import Engine
+from node.phantom import PhantomOptions, generate_study, write_study
+from node.store import JobState, Received, Store, StudyState
+
+T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = StudySettings(quiet_seconds=20, max_wait_seconds=300)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def _item(study: str, sop: str, path: Path | None = None) -> Received:
+    return Received(sop, study, study + ".1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                    path or Path("/nowhere"), 10, "MODALITY")
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+
+def test_a_study_completes_only_after_the_quiet_period_and_is_queued_once(store):
+    clock = Clock()
+    assembler = Assembler(store, SETTINGS, clock)
+    store.record_instance(_item("1.2.3", "1.2.3.1"), clock())
+    clock.advance(19)
+    assert assembler.sweep() == []
+    clock.advance(2)
+    assert assembler.sweep() == ["1.2.3"] and assembler.sweep() == []
+    assert store.study("1.2.3")["state"] == StudyState.COMPLETE
+    assert [j["state"] for j in store.jobs_of("1.2.3")] == [JobState.QUEUED]
+
+
+def test_late_instances_reopen_a_complete_study_and_it_is_analysed_again_once(store):
+    clock = Clock()
+    assembler = Assembler(store, SETTINGS, clock)
+    store.record_instance(_item("1.2.3", "1.2.3.1"), clock())
+    clock.advance(30)
+    assembler.sweep()
+    job = store.claim_job("w", 60, clock())
+    store.finish_job(job["id"], "w", JobState.DONE, "ok", clock())
+    for k in range(2, 6):  # four late instances
+        clock.advance(5)
+        store.record_instance(_item("1.2.3", f"1.2.3.{k}"), clock())
+        assert assembler.sweep() == []
+    assert store.study("1.2.3")["state"] == StudyState.RECEIVING
+    clock.advance(21)
+    assert assembler.sweep() == ["1.2.3"]
+    assert [j["state"] for j in store.jobs_of("1.2.3")] == [JobState.DONE, JobState.QUEUED]
+    assert [e["kind"] for e in store.events_of("1.2.3")].count("study-reopened") == 1
+
+
+def test_a_study_that_never_goes_quiet_completes_at_max_wait(store):
+    clock = Clock()
+    assembler = Assembler(store, SETTINGS, clock)
+    for k in range(1, 40):
+        store.record_instance(_item("1.2.4", f"1.2.4.{k}"), clock())
+        if assembler.sweep():
+            break
+        clock.advance(10)
+    assert clock.now - T0 == dt.timedelta(seconds=300)
+    assert store.events_of("1.2.4")[-2]["detail"] == "max-wait"
+
+
+def test_a_half_received_study_survives_a_restart(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    first = Store(url)
+    first.record_instance(_item("1.2.5", "1.2.5.1"), T0)
+    first.engine.dispose()
+    clock = Clock()
+    clock.advance(60)
+    again = Store(url)
+    assert Assembler(again, SETTINGS, clock).sweep() == ["1.2.5"]
+
+
+def test_a_job_is_leased_to_one_worker_and_taken_up_again_when_its_lease_runs_out(store):
+    clock = Clock()
+    store.record_instance(_item("1.2.6", "1.2.6.1"), clock())
+    clock.advance(30)
+    Assembler(store, SETTINGS, clock).sweep()
+    job = store.claim_job("a", 60, clock())
+    assert job is not None and store.claim_job("b", 60, clock()) is None
+    clock.advance(61)  # worker a died: no heartbeat
+    again = store.claim_job("b", 60, clock())
+    assert again["id"] == job["id"] and again["attempts"] == 2
+    assert not store.finish_job(job["id"], "a", JobState.DONE, "late", clock())  # a lost its lease
+    assert store.finish_job(job["id"], "b", JobState.DONE, "ok", clock())
+    assert store.jobs_of("1.2.6")[0]["reason"] == "ok"
+
+
+def _spool(store: Store, paths: list[Path]) -> str:
+    uid = ""
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        uid = ds.StudyInstanceUID
+        store.record_instance(Received(ds.SOPInstanceUID, uid, ds.SeriesInstanceUID, ds.SOPClassUID,
+                                       "1.2.840.10008.1.2.1", p, p.stat().st_size, "MODALITY"), T0)
+    return uid
+
+
+def test_the_worker_analyses_a_complete_study_skips_one_without_ctpa_and_fails_one_with_lost_files(store, tmp_path):
+    engine = Engine(ROOT / "models" / "demo", device="cpu")
+    opts = PhantomOptions(**{**SMALL.__dict__, "companions": ("localizer",)})
+    written = write_study(generate_study(71, pe=True, options=opts), tmp_path / "a")
+    good = _spool(store, written["ctpa"] + written["localizer"])
+    only_scout = _spool(store, write_study(generate_study(72, pe=False, options=opts), tmp_path / "b")["localizer"])
+    lost_files = write_study(generate_study(73, pe=False, options=SMALL), tmp_path / "c")["ctpa"]
+    lost = _spool(store, lost_files)
+    for p in lost_files:
+        p.unlink()
+    clock = Clock()
+    clock.advance(30)
+    Assembler(store, SETTINGS, clock).sweep()
+    from node.worker import Worker
+
+    worker = Worker(store, engine, owner="test", clock=clock)
+    outcomes = {}
+    while (done := worker.run_once()) is not None:
+        outcomes[done["study_instance_uid"]] = done
+    assert outcomes[good]["state"] == JobState.DONE
+    summary = json.loads(store.jobs_of(good)[0]["result"])
+    assert summary["series"]["description"].startswith("CTPA") and 0 <= summary["probability"] <= 1
+    assert outcomes[only_scout]["state"] == JobState.SKIPPED
+    assert "no series qualifies" in outcomes[only_scout]["reason"] and "localizer" in outcomes[only_scout]["reason"]
+    assert outcomes[lost]["state"] == JobState.FAILED
+    assert outcomes[lost]["reason"].startswith(f"{SMALL.slices} of {SMALL.slices} spooled files are missing")
+    assert worker.run_once() is None
