@@ -1,0 +1,146 @@
+"""The Secondary Capture series: key slices with the attention map as a colour overlay, plus a summary.
+
+Each key slice is the source CT slice in a PE window (centre 100, width 700 HU) with the stage-1 CAM
+of its slab blended on in red-to-yellow where it lies within 3 logits of its peak (nearer the peak,
+more opaque), and a green cross at the attention peak; burned-in text gives the probability, the
+model and the notice. The last image is a summary: finding, probability, threshold, model name and
+version, key slices. Patient and study attributes come from the source (highdicom
+``SCImage.from_ref_dataset``); each key image references its source slice in SourceImageSequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+
+from node.inference import StudyResult
+from node.outputs import OutputError
+from node.outputs.uids import output_uid
+from node.preprocess import PreprocessSpec, input_to_pixel
+
+SERIES_NUMBER = 9901
+NOTICE = "AI triage aid - not for diagnostic use"
+WINDOW = (100.0, 700.0)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one size
+        return ImageFont.load_default()
+
+
+def cam_on_pixels(cam: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float, float], spec: PreprocessSpec,
+                  stride: int) -> np.ndarray:
+    """The (h, w) CAM resampled bilinearly onto the original (rows, columns) grid; NaN outside the model's field."""
+    h, w = cam.shape
+    axes = []
+    for axis in (0, 1):
+        # model-input coordinate of each original pixel centre, then CAM cell coordinate
+        probe = np.zeros((shape[axis], 2))
+        probe[:, axis] = np.arange(shape[axis]) + 0.5
+        scale = input_to_pixel(np.array([[spec.size, spec.size]], dtype=float), shape, pixel_mm, spec)[0, axis]
+        origin = input_to_pixel(np.zeros((1, 2)), shape, pixel_mm, spec)[0, axis]
+        inputs = (probe[:, axis] - origin) * spec.size / (scale - origin)
+        axes.append(inputs / stride - 0.5)
+    ry, rx = axes
+    inside = (ry >= -0.5)[:, None] & (ry <= h - 0.5)[:, None] & (rx >= -0.5)[None, :] & (rx <= w - 0.5)[None, :]
+    y0 = np.clip(np.floor(ry).astype(int), 0, h - 1)
+    x0 = np.clip(np.floor(rx).astype(int), 0, w - 1)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = np.clip(ry - y0, 0, 1)[:, None], np.clip(rx - x0, 0, 1)[None, :]
+    top = cam[y0][:, x0] * (1 - fx) + cam[y0][:, x1] * fx
+    bottom = cam[y1][:, x0] * (1 - fx) + cam[y1][:, x1] * fx
+    out = top * (1 - fy) + bottom * fy
+    return np.where(inside, out, np.nan)
+
+
+def _overlay(ds: pydicom.Dataset, cam: np.ndarray, peak: tuple[float, float], lines: list[str]) -> np.ndarray:
+    hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
+        getattr(ds, "RescaleIntercept", 0))
+    lo = WINDOW[0] - WINDOW[1] / 2
+    grey = np.clip((hu - lo) / WINDOW[1], 0, 1) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    valid = np.isfinite(cam)
+    if valid.any():
+        filled = np.where(valid, cam, np.nanmin(cam))
+        # CAM in logit units: show what lies within 3 of the peak (weight >= e^-3 of the peak's in the pooling)
+        norm = np.clip((filled - (float(filled[valid].max()) - 3.0)) / 3.0, 0, 1)
+        alpha = (0.7 * norm * valid)[..., None]
+        colour = np.stack([np.full_like(norm, 255.0), 255.0 * norm, np.zeros_like(norm)], axis=-1)
+        rgb = rgb * (1 - alpha) + colour * alpha
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r, c = float(peak[0]), float(peak[1])
+    size = max(4, img.width // 64)
+    draw.line([(c - size, r), (c + size, r)], fill=(0, 255, 0), width=2)
+    draw.line([(c, r - size), (c, r + size)], fill=(0, 255, 0), width=2)
+    font = _font(max(10, img.width // 40))
+    for i, line in enumerate(lines):
+        draw.text((6, 4 + i * (font.size + 3 if hasattr(font, "size") else 14)), line, fill=(255, 255, 0), font=font)
+    return np.asarray(img)
+
+
+def _summary(shape: tuple[int, int], lines: list[str]) -> np.ndarray:
+    img = Image.new("RGB", (shape[1], shape[0]), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    font = _font(max(12, shape[1] // 28))
+    step = (font.size if hasattr(font, "size") else 12) + 8
+    for i, line in enumerate(lines):
+        draw.text((16, 16 + i * step), line, fill=(255, 255, 255) if i else (255, 80, 80), font=font)
+    return np.asarray(img)
+
+
+def make_sc_series(result: StudyResult, sources: Sequence[pydicom.Dataset], *, model_sha256: str,
+                   spec: PreprocessSpec, cam_stride: int, manufacturer: str = "petriage") -> list[hd.sc.SCImage]:
+    """Key-slice overlays (one per key slice, ``sources`` with pixels in the same order) and a summary."""
+    if len(sources) != len(result.key_slices) or not sources:
+        raise OutputError("one source dataset (with pixel data) per key slice is needed")
+    uid = result.study_instance_uid
+    series = output_uid(uid, model_sha256, "sc-series")
+    model = result.model
+    decision = "PE suspected" if result.positive else "PE not suspected"
+    head = f"{decision}: p = {result.probability:.3f} (threshold {result.threshold:.3f})"
+    tail = f"{model.get('name')} {model.get('version')} - {NOTICE}"
+    images = []
+    for k, (key, ds) in enumerate(zip(result.key_slices, sources, strict=True), 1):
+        if str(ds.SOPInstanceUID) != key.sop_instance_uid:
+            raise OutputError(f"key slice {k}: dataset {ds.SOPInstanceUID} is not {key.sop_instance_uid}")
+        pixel_mm = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        cam = cam_on_pixels(result.cams[key.index], (int(ds.Rows), int(ds.Columns)), pixel_mm, spec, cam_stride)
+        rgb = _overlay(ds, cam, (key.peak_row, key.peak_column),
+                       [head, f"key slice {k}: slice p = {key.probability:.3f}", tail])
+        images.append(_sc(ds, rgb, series, output_uid(uid, model_sha256, "sc", k), k, manufacturer,
+                          f"Key slice {k} with attention overlay - {NOTICE}"))
+    lines = [decision, f"probability {result.probability:.3f}", f"threshold {result.threshold:.3f} "
+             f"({result.operating_point})", f"model {model.get('name')} {model.get('version')}",
+             "key slices: " + ", ".join(f"#{k.index} (p {k.probability:.2f})" for k in result.key_slices),
+             *(["synthetic training data - not for clinical use"] if model.get("synthetic_training_data") else []),
+             NOTICE]
+    summary = _summary((int(sources[0].Rows), int(sources[0].Columns)), lines)
+    images.append(_sc(sources[0], summary, series, output_uid(uid, model_sha256, "sc", 0), len(sources) + 1,
+                      manufacturer, f"Summary of the PE triage result - {NOTICE}", reference=False))
+    return images
+
+
+def _sc(source: pydicom.Dataset, rgb: np.ndarray, series: str, sop: str, number: int, manufacturer: str,
+        description: str, reference: bool = True) -> hd.sc.SCImage:
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series, series_number=SERIES_NUMBER,
+        sop_instance_uid=sop, instance_number=number, manufacturer=manufacturer,
+        patient_orientation=("L", "P"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+    image.SeriesDescription = f"PE triage key images - {NOTICE}"
+    image.DerivationDescription = description
+    image.BurnedInAnnotation = "YES"
+    image.Laterality = ""  # type 2C in General Series (dciodvfy asks for it); a chest is unpaired: empty
+    if reference:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        image.SourceImageSequence = [item]
+    return image
