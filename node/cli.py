@@ -15,6 +15,7 @@ from node.cli_runner import run_app
 from node.commands.analyze import analyze_cmd
 from node.commands.demo import demo_cmd
 from node.commands.phantom import phantom_cmd
+from node.commands.serve import serve_cmd
 from node.config import Config, load_config
 from node.errors import NodeError
 
@@ -77,6 +78,7 @@ def config_check(
 app.command("phantom")(phantom_cmd)
 app.command("demo")(demo_cmd)
 app.command("analyze")(analyze_cmd)
+app.command("serve")(serve_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

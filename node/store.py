@@ -8,6 +8,7 @@ the worklist come with the worker (issue 5, later steps).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -93,6 +94,10 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("result", Text),  # JSON summary of the analysis (no patient data)
+    Column("outbox", Text),  # folder of the result objects, once made
+    Column("delivered", Text, nullable=False, default="[]"),  # JSON list of destinations that took everything
+    Column("send_attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
 )
 
 events = Table(
@@ -244,12 +249,14 @@ class Store:
                 candidates = conn.execute(select(jobs.c.id).where(
                     (jobs.c.state == JobState.QUEUED)
                     | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now))
+                    | ((jobs.c.state == JobState.SENDING) & (jobs.c.next_attempt_at <= now))
                 ).order_by(jobs.c.priority.desc(), jobs.c.id).limit(5)).all()
                 for (job_id,) in candidates:
                     taken = conn.execute(update(jobs).where(
                         jobs.c.id == job_id,
                         (jobs.c.state == JobState.QUEUED)
-                        | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now)),
+                        | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now))
+                        | ((jobs.c.state == JobState.SENDING) & (jobs.c.next_attempt_at <= now)),
                     ).values(state=JobState.RUNNING, lease_owner=owner, lease_expires_at=expires,
                              attempts=jobs.c.attempts + 1, updated_at=now)).rowcount
                     if taken == 1:
@@ -286,6 +293,36 @@ class Store:
                 return changed == 1
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot finish job {job_id}: {exc}") from exc
+
+    def set_outputs(self, job_id: int, owner: str, outbox: str, result: str, now: dt.datetime) -> bool:
+        """Record that the job's result objects are in ``outbox`` (it stays leased, now sending)."""
+        with self.engine.begin() as conn:
+            return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                   jobs.c.state == JobState.RUNNING)
+                                .values(outbox=outbox, result=result, updated_at=now)).rowcount == 1
+
+    def mark_delivered(self, job_id: int, destination: str, now: dt.datetime) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs.c.delivered, jobs.c.study_instance_uid).where(jobs.c.id == job_id)).one()
+            delivered = sorted(set(json.loads(row.delivered or "[]")) | {destination})
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(delivered=json.dumps(delivered),
+                                                                         updated_at=now))
+            conn.execute(insert(events).values(at=now, study_instance_uid=row.study_instance_uid, kind="delivered",
+                                               detail=f"job {job_id} to {destination}"))
+
+    def retry_later(self, job_id: int, owner: str, when: dt.datetime, reason: str, now: dt.datetime) -> bool:
+        """Give the lease back; the job is claimable again (state sending) from ``when``."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                      jobs.c.state == JobState.RUNNING)
+                                   .values(state=JobState.SENDING, reason=reason, next_attempt_at=when,
+                                           send_attempts=jobs.c.send_attempts + 1, lease_owner=None,
+                                           lease_expires_at=None, updated_at=now)).rowcount
+            if changed == 1:
+                uid = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar_one()
+                conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="send-retry",
+                                                   detail=f"job {job_id} at {when.isoformat()}: {reason}"))
+            return changed == 1
 
     def jobs_of(self, study_instance_uid: str) -> list[dict]:
         with self.engine.connect() as conn:

@@ -15,10 +15,16 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from io import BytesIO
+from pathlib import Path
 
+import pydicom
+
+from node.config import Destination
 from node.errors import NodeError
 from node.inference import Engine
+from node.scu import SendError, send_files
 from node.selection import choose_ctpa
 from node.series import SeriesError, index_series
 from node.store import JobState, Store, utcnow
@@ -30,20 +36,33 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: Send retries: 5 s, 10 s, 20 s ... capped at an hour; after this many attempts the job fails.
+BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, MAX_SEND_ATTEMPTS = 5.0, 3600.0, 12
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Seconds before send attempt ``attempt + 1`` (attempt counts from 1)."""
+    return float(min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** max(0, attempt - 1)))
+
+
 class Worker:
-    """Runs jobs from the store one at a time."""
+    """Runs jobs from the store one at a time: analyse, write SC + SR to the outbox, send."""
 
     def __init__(self, store: Store, engine: Engine, *, owner: str | None = None, lease_seconds: float = 120.0,
-                 clock: Callable[[], dt.datetime] = utcnow):
+                 clock: Callable[[], dt.datetime] = utcnow, outbox_root: Path | None = None,
+                 destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE"):
         self.store, self.engine = store, engine
         self.owner = owner or worker_name()
         self.lease_seconds, self.clock = lease_seconds, clock
+        self.outbox_root, self.destinations, self.ae_title = outbox_root, list(destinations), ae_title
 
     def run_once(self) -> dict | None:
-        """Claim and run one job; returns the finished job's row values, or None when the queue is empty."""
+        """Claim and advance one job; returns its new state, or None when nothing is due."""
         job = self.store.claim_job(self.owner, self.lease_seconds, self.clock())
         if job is None:
             return None
+        if job["outbox"]:
+            return self._deliver(job)
         job_id, uid = job["id"], job["study_instance_uid"]
         state, reason, result = JobState.FAILED, "", None
         last_beat = time.monotonic()
@@ -66,6 +85,11 @@ class Worker:
                                                        "reason": choice.reason}}
             state, result = JobState.DONE, json.dumps(summary)
             reason = f"{summary['decision']}, probability {analysis.probability:.3f}"
+            if self.outbox_root is not None and self.destinations:
+                outbox = self._write_outputs(job_id, analysis, choice.paths)
+                self.store.set_outputs(job_id, self.owner, str(outbox), result, self.clock())
+                job = job | {"outbox": str(outbox), "result": result, "delivered": "[]", "send_attempts": 0}
+                return self._deliver(job, analysed=reason)
         except SeriesError as exc:
             state, reason = JobState.SKIPPED, f"no CTPA series: {exc}"
         except NodeError as exc:
@@ -73,10 +97,67 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the worker turns anything into a failed job with its reason
             log.exception("job %d failed unexpectedly", job_id)
             reason = f"internal error: {type(exc).__name__}: {exc}"
+        return self._finish(job_id, uid, state, reason, result)
+
+    def _finish(self, job_id: int, uid: str, state: JobState, reason: str, result: str | None = None) -> dict:
         if not self.store.finish_job(job_id, self.owner, state, reason, self.clock(), result):
             log.warning("job %d: lease lost before it finished; another worker owns it now", job_id)
         log.info("job %d (study ...%s): %s - %s", job_id, uid[-8:], state, reason)
         return {"id": job_id, "study_instance_uid": uid, "state": state, "reason": reason, "result": result}
+
+    def _write_outputs(self, job_id: int, analysis, series_paths: Sequence[Path]) -> Path:
+        from node.outputs.sc import make_sc_series
+        from node.outputs.sr import make_sr
+        from node.spool import write_atomic
+
+        assert self.outbox_root is not None
+        manifest = self.engine.bundle.manifest
+        sha = self.engine.stage1_file.sha256
+        by_sop = {}
+        wanted = {k.sop_instance_uid for k in analysis.key_slices}
+        for p in series_paths:
+            header = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            if str(header.SOPInstanceUID) in wanted:
+                by_sop[str(header.SOPInstanceUID)] = p
+        sources = [pydicom.dcmread(by_sop[k.sop_instance_uid]) for k in analysis.key_slices]
+        objects = [make_sr(analysis, sources, model_sha256=sha),
+                   *make_sc_series(analysis, sources, model_sha256=sha, spec=manifest.spec(),
+                                   cam_stride=manifest.cam_stride)]
+        outbox = self.outbox_root / analysis.study_instance_uid / f"job-{job_id}"
+        for obj in objects:
+            buffer = BytesIO()
+            obj.save_as(buffer, enforce_file_format=True)
+            write_atomic(outbox / f"{obj.SOPInstanceUID}.dcm", buffer.getvalue())
+        return outbox
+
+    def _deliver(self, job: dict, analysed: str = "") -> dict:
+        job_id, uid = job["id"], job["study_instance_uid"]
+        files = sorted(Path(job["outbox"]).glob("*.dcm"))
+        delivered = set(json.loads(job.get("delivered") or "[]"))
+        problems = []
+        for dest in self.destinations:
+            if dest.name in delivered:
+                continue
+            try:
+                send_files(files, dest, calling_ae_title=self.ae_title)
+                self.store.mark_delivered(job_id, dest.name, self.clock())
+                delivered.add(dest.name)
+            except (SendError, OSError) as exc:
+                problems.append(str(exc))
+        base = analysed or (job.get("reason") or "").split("; sent")[0].split("; send")[0]
+        if not problems:
+            return self._finish(job_id, uid, JobState.DONE, f"{base}; sent to {', '.join(sorted(delivered))}",
+                                job.get("result"))
+        attempts = int(job.get("send_attempts") or 0) + 1
+        if attempts >= MAX_SEND_ATTEMPTS:
+            return self._finish(job_id, uid, JobState.FAILED, f"{base}; sending failed after {attempts} attempts: "
+                                + "; ".join(problems), job.get("result"))
+        when = self.clock() + dt.timedelta(seconds=backoff_seconds(attempts))
+        reason = f"{base}; send attempt {attempts} failed, next at {when:%H:%M:%S}: " + "; ".join(problems)
+        self.store.retry_later(job_id, self.owner, when, reason, self.clock())
+        log.warning("job %d (study ...%s): %s", job_id, uid[-8:], reason)
+        return {"id": job_id, "study_instance_uid": uid, "state": JobState.SENDING, "reason": reason,
+                "result": job.get("result")}
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Run jobs until ``stop`` is set (checked between jobs)."""

@@ -148,3 +148,38 @@ def test_the_worker_analyses_a_complete_study_skips_one_without_ctpa_and_fails_o
     assert outcomes[lost]["state"] == JobState.FAILED
     assert outcomes[lost]["reason"].startswith(f"{SMALL.slices} of {SMALL.slices} spooled files are missing")
     assert worker.run_once() is None
+
+
+def test_results_wait_in_the_outbox_and_are_sent_with_backoff_once_the_pacs_answers(store, tmp_path):
+    from conftest import free_port
+    from node.config import load_config
+    from node.scp import start_scp
+    from node.worker import Worker, backoff_seconds
+
+    assert [backoff_seconds(n) for n in (1, 2, 3, 11, 12)] == [5, 10, 20, 3600, 3600]
+    port = free_port()
+    pacs_cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'pacs'}", "node.host=127.0.0.1",
+                                                        f"node.port={port}", "node.ae_title=PACS"])
+    dest = load_config(None, environ={}, overrides=[
+        f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {port}}}]"]).destinations
+    written = write_study(generate_study(74, pe=True, options=SMALL), tmp_path / "a")["ctpa"]
+    uid = _spool(store, written)
+    clock = Clock()
+    clock.advance(30)
+    Assembler(store, SETTINGS, clock).sweep()
+    worker = Worker(store, Engine(ROOT / "models" / "demo", device="cpu"), owner="w", clock=clock,
+                    outbox_root=tmp_path / "outbox", destinations=dest)
+    first = worker.run_once()  # nobody listens on the PACS port yet
+    assert first["state"] == JobState.SENDING and "association failed" in first["reason"]
+    assert worker.run_once() is None  # not due for 5 s
+    (tmp_path / "pacs").mkdir()
+    pacs_store = Store(f"sqlite:///{tmp_path / 'pacs' / 'db.sqlite'}")
+    server = start_scp(pacs_cfg, pacs_store)
+    try:
+        clock.advance(6)
+        done = worker.run_once()
+    finally:
+        server.shutdown()
+    assert done["state"] == JobState.DONE and done["reason"].endswith("sent to pacs")
+    assert pacs_store.study(uid)["instances"] == 5  # SR + 3 key images + summary, in the same study
+    assert len(list((tmp_path / "outbox").rglob("*.dcm"))) == 5
