@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real DICOM peers the tests talk to, where apt-get is usable and they are missing:
 #   dicom3tools (dciodvfy), dcmtk (storescu, echoscu, dsrdump), orthanc (the PACS),
-#   pixelmed-apps (DicomSRValidator, with a Java runtime).
+#   pixelmed-apps (DicomSRValidator, with a Java runtime), systemd (systemd-analyze verify).
 # Elsewhere it says what is missing; tests needing them skip with that reason (and fail under CI=true).
 set -euo pipefail
 need=()
@@ -9,8 +9,9 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 { command -v storescu && command -v echoscu && command -v dsrdump; } >/dev/null || need+=(dcmtk)
 { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null || need+=(orthanc)
 { [ -f /usr/share/java/pixelmed.jar ] && command -v java; } >/dev/null || need+=(pixelmed-apps)
+command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies systemd/petriage.service
 if [ ${#need[@]} -eq 0 ]; then
-  echo "DICOM peers present: dciodvfy, dcmtk, Orthanc, PixelMed"
+  echo "peers present: dciodvfy, dcmtk, Orthanc, PixelMed, systemd-analyze"
   exit 0
 fi
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
