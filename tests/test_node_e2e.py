@@ -66,3 +66,96 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
             path.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
             assert not dciodvfy(path).errors
             assert pydicom.dcmread(path).StudyInstanceUID == uid
+
+
+def _pacs(tmp_path):
+    from node.scp import start_scp
+    from node.store import Store
+
+    port = free_port()
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'pacs'}", "node.host=127.0.0.1",
+                                                   f"node.port={port}", "node.ae_title=PACS"])
+    (tmp_path / "pacs").mkdir()
+    store = Store(f"sqlite:///{tmp_path / 'pacs' / 'db.sqlite'}")
+    return cfg, store, start_scp(cfg, store, fsync=False)
+
+
+def _node_cfg(tmp_path, pacs_port: int):
+    return load_config(None, environ={}, overrides=[
+        f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={free_port()}",
+        "study.quiet_seconds=1", "study.max_wait_seconds=60", "model.device=cpu",
+        f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs_port}}}]"])
+
+
+def _wait(node, uid: str, seconds: float = 180) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        node.supervise()
+        jobs = node.store.jobs_of(uid)
+        if jobs and all(j["state"] in (JobState.DONE, JobState.FAILED, JobState.SKIPPED) for j in jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"no result in {seconds} s: {node.store.jobs_of(uid)}")
+
+
+def test_a_worker_killed_mid_study_is_replaced_and_exactly_one_set_of_results_arrives(tmp_path):
+    import os
+    import signal
+
+    pacs_cfg, pacs_store, pacs = _pacs(tmp_path)
+    cfg = _node_cfg(tmp_path, pacs_cfg.node.port)
+    study = generate_study(930002, pe=True, options=PhantomOptions(**{**DATA.__dict__, "slices": 192,
+                                                                       "slice_spacing_mm": 1.5}))
+    write_study(study, tmp_path / "in")
+    uid = study.identity.study_instance_uid
+    node = Node(cfg, sweep_seconds=0.2, lease_seconds=4.0, stop_timeout=30)
+    try:
+        subprocess.run([require_tool("storescu"), "-aec", cfg.node.ae_title, "+sd", "+r", "127.0.0.1",
+                        str(cfg.node.port), str(tmp_path / "in")], check=True, timeout=120, env={"TCP_NODELAY": "1"})
+        deadline = time.monotonic() + 120
+        while not any(j["state"] == JobState.RUNNING for j in node.store.jobs_of(uid)):
+            assert time.monotonic() < deadline, node.store.jobs_of(uid)
+            time.sleep(0.01)
+        killed = node.worker.pid
+        os.kill(killed, signal.SIGKILL)
+        jobs = _wait(node, uid)
+        assert node.worker.pid != killed  # the supervisor started a new worker
+    finally:
+        node.stop()
+        pacs.shutdown()
+    assert [j["state"] for j in jobs] == [JobState.DONE] and jobs[0]["attempts"] == 2
+    assert pacs_store.study(uid)["instances"] == 5  # one SR, 3 key images, one summary: one set
+
+
+def test_a_node_restarted_mid_transfer_keeps_every_stored_instance_and_analyses_once(tmp_path):
+    pacs_cfg, pacs_store, pacs = _pacs(tmp_path)
+    cfg = _node_cfg(tmp_path, pacs_cfg.node.port)
+    cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"quiet_seconds": 8.0})})  # > a restart
+    study = generate_study(930003, pe=False, options=DATA)
+    paths = write_study(study, tmp_path / "in")["ctpa"]
+    halves = [tmp_path / "h1", tmp_path / "h2"]
+    for i, p in enumerate(paths):
+        target = halves[i % 2] / p.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    uid = study.identity.study_instance_uid
+
+    def send(folder):
+        subprocess.run([require_tool("storescu"), "-aec", cfg.node.ae_title, "+sd", "127.0.0.1",
+                        str(cfg.node.port), str(folder)], check=True, timeout=120, env={"TCP_NODELAY": "1"})
+
+    try:
+        node = Node(cfg, sweep_seconds=0.2, stop_timeout=30)
+        send(halves[0])
+        node.stop()  # restart before the study is quiet
+        node = Node(cfg, sweep_seconds=0.2, stop_timeout=30)
+        send(halves[1])
+        jobs = _wait(node, uid)
+        assert node.store.study(uid)["instances"] == len(paths)
+        assert len(list((cfg.storage.root / "spool").rglob("*.dcm"))) == len(paths)
+    finally:
+        node.stop()
+        pacs.shutdown()
+    assert [j["state"] for j in jobs] == [JobState.DONE]
+    assert json.loads(jobs[0]["result"])["slices"] == len(paths)
+    assert pacs_store.study(uid)["instances"] == 5
