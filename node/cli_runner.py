@@ -14,10 +14,17 @@ from node.errors import ConfigError
 err = Console(stderr=True)
 
 
+def quiet_libraries() -> None:
+    """pynetdicom and APScheduler log every association and every timer run at INFO: keep their warnings only."""
+    for name in ("pynetdicom", "apscheduler"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str,
             failures: tuple[type[Exception], ...]) -> int:
     """Exit codes: 0 ok, 1 a deliberate failure (``failures``), 2 bad usage or configuration, 130 aborted."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         result = app(args=argv, prog_name=prog_name, standalone_mode=False)
     except typer.Exit as exc:

@@ -31,7 +31,8 @@ def test_demo_makes_validates_and_shows_a_positive_and_a_negative_study(tmp_path
     assert code == 0, printed
     assert "PE-positive" in printed and "PE-negative" in printed
     assert "petriage-pe-demo" in printed and "synthetic training data" in printed  # the bundled model ran
-    assert printed.count("suspected") == 2 and "not for diagnostic use" in printed
+    assert printed.count("done: PE") == 2 and "not for diagnostic use" in printed  # both analysed and sent
+    assert len(list((tmp_path / "png").glob("result-*.png"))) == 2 * 4  # key images + summary, from the PACS
     pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
     assert "positive-overlay.png" in pngs and "negative-axial.png" in pngs
     # per study: CTPA, scout, lung (10 mm slabs here), non-contrast (5 mm)

@@ -1,8 +1,10 @@
 """``petriage demo``: the main job on the embedded defaults, shown end to end.
 
-For now (the node itself is not built yet) it makes one PE-positive and one PE-negative synthetic
-CTPA study with their companion series, writes them as DICOM under the storage root, validates every
-file with dciodvfy when it is installed, writes PNG views, and prints what it did.
+It makes one PE-positive and one PE-negative synthetic CTPA study with their companion series, writes
+them as DICOM under the storage root, validates every file with dciodvfy when it is installed, writes
+PNG views, then starts the node on loopback with temporary storage and a small receiving PACS, sends
+both studies by C-STORE, waits for the SR and key images to reach the PACS, prints what came back and
+how long it took, writes the key images as PNG, and stops everything.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def demo_cmd(
     hu_table.add_column("structure")
     files: list[Path] = []
     pngs: list[Path] = []
-    ctpa: list[tuple[bool, list[Path]]] = []
+    studies_sent: list[tuple[bool, str, list[Path]]] = []
     stats = []
     for pe, study_seed in ((True, seed), (False, seed + 1)):
         start = time.perf_counter()
@@ -55,7 +57,8 @@ def demo_cmd(
             pngs += write_previews(study, out_dir / "png", prefix="positive" if pe else "negative")
         seconds = time.perf_counter() - start
         files += [p for paths in written.values() for p in paths]
-        ctpa.append((study.pe_present, written["ctpa"]))
+        studies_sent.append((study.pe_present, study.identity.study_instance_uid,
+                             [p for paths in written.values() for p in paths]))
         stats.append(study.structure_hu())
         emboli = ", ".join(f"{e.level} {e.size_mm:.0f} mm" for e in study.emboli) or "-"
         table.add_row(study.identity.study_instance_uid[-10:], "yes" if study.pe_present else "no", emboli,
@@ -83,31 +86,27 @@ def demo_cmd(
     else:
         out.print("dciodvfy not installed: DICOM validation skipped (make test installs it)")
     out.print("PNG views: " + ", ".join(str(p) for p in pngs))
-    _analyse(cfg, ctpa)
-    out.print("The DICOM listener stores what it receives (node/scp.py); study assembly, the worker and sending "
-              "SC + SR back come next. This demo runs the model offline, as `petriage analyze` does.")
+    _serve_and_send(cfg, studies_sent, out_dir)
     return status
 
 
-def _analyse(cfg, ctpa: list[tuple[bool, list[Path]]]) -> None:
-    """Run the configured bundle on each CTPA series, as `petriage analyze` would."""
+def _serve_and_send(cfg, studies: list[tuple[bool, str, list[Path]]], out_dir: Path) -> None:
+    """Run the node on loopback, send both studies, and show what came back to the PACS."""
+    from node.commands.demo_node import run_node_demo
     from node.inference import Engine
-    from node.series import index_series
 
-    engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
-                    threads=cfg.model.threads or None)
-    m = engine.describe()
+    m = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision).describe()
     out.print(f"model {m['name']} {m['version']} ({m['stage1_precision']}, {', '.join(m['providers'])})"
               + (" - synthetic training data, not for clinical use" if m["synthetic_training_data"] else ""),
               soft_wrap=True)
-    table = Table(title="the bundled model on each CTPA series")
-    for col in ("truth", "slices", "probability", "threshold", "decision", "key slices", "seconds"):
+    with out.status("node on loopback: receiving, completing, analysing, sending SR + key images to a PACS"):
+        rows = run_node_demo(cfg, studies, out_dir)
+    table = Table(title="the node: C-STORE in, SR + key images out to the PACS")
+    for col in ("study", "truth", "series chosen", "probability", "decision", "last image -> results in PACS"):
         table.add_column(col)
-    for pe, paths in ctpa:
-        with out.status("analysing the CTPA series"):
-            result = engine.analyze(index_series(paths))
-        table.add_row("PE" if pe else "no PE", str(len(paths)), f"{result.probability:.3f}", f"{result.threshold:.3f}",
-                      "PE suspected" if result.positive else "not suspected",
-                      ", ".join(f"#{k.index}" for k in result.key_slices), f"{result.seconds:.1f}")
+    for r in rows:
+        table.add_row(r.study_instance_uid[-10:], "PE" if r.truth else "no PE", r.series,
+                      "-" if r.probability is None else f"{r.probability:.3f}", r.decision, f"{r.seconds:.1f} s")
     out.print(table)
+    out.print("result images (as the PACS received them): " + ", ".join(str(p) for r in rows for p in r.pngs))
     out.print("AI triage aid - not for diagnostic use.")

@@ -31,6 +31,9 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
 
     logging.basicConfig(level=config_json["logging"]["level"],
                         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
+    from node.cli_runner import quiet_libraries
+
+    quiet_libraries()
     cfg = Config.model_validate(config_json)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
