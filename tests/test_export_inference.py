@@ -267,3 +267,13 @@ def test_the_demo_bundle_ranks_fresh_positive_studies_above_fresh_negative_ones(
         paths = write_study(generate_study(seed, pe=pe, options=DEMO_DATA), tmp_path / str(seed))["ctpa"]
         probs[seed] = engine.analyze(index_series(paths)).probability
     assert min(probs[910001], probs[910003]) > max(probs[910002], probs[910004]), probs
+
+
+def test_the_same_study_compressed_or_shuffled_gets_the_same_probability_from_the_demo_bundle(tmp_path):
+    engine = Engine(DEMO, device="cpu")
+    probs = []
+    for syntax, order in (("explicit", "ascending"), ("jpeg2000", "shuffled"), ("rle", "reversed")):
+        opts = PhantomOptions(**{**DEMO_DATA.__dict__, "transfer_syntax": syntax, "order": order})
+        paths = write_study(generate_study(910005, pe=True, options=opts), tmp_path / syntax)["ctpa"]
+        probs.append(engine.analyze(index_series(paths)).probability)
+    assert probs[0] == probs[1] == probs[2]  # lossless: bit-identical HU, identical probability

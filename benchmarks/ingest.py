@@ -1,0 +1,117 @@
+"""Receiving speed: the node's listener against DCMTK storescp, and last image -> SR in the PACS.
+
+    .venv/bin/python benchmarks/ingest.py [--slices 300]
+
+One 512x512 phantom CTPA study (explicit VR little endian) is sent with DCMTK ``storescu`` (one
+association, TCP_NODELAY=1) to (a) DCMTK ``storescp`` writing to a temporary folder - the baseline -
+and (b) the node's listener (spool with fsync + SQLite record per instance). Prints images/s for each
+and the ratio. Then the whole node runs (listener, sweep with quiet_seconds 2, worker process, bundled
+model) with the listener of this package as the PACS, and the script reports the seconds from the
+last image acknowledged to the SR stored in the PACS, and how much of that is the quiet period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from node.commands.serve import Node
+from node.config import load_config
+from node.phantom import PhantomOptions, generate_study, write_study
+from node.scp import start_scp
+from node.store import Store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send(folder: Path, port: int, aec: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([shutil.which("storescu") or "storescu", "-aec", aec, "+sd", "+r", "-xe", "127.0.0.1", str(port),
+                    str(folder)], check=True, timeout=600, env={**os.environ, "TCP_NODELAY": "1"},
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--bundle", default="models/demo")
+    args = parser.parse_args()
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        raise SystemExit("needs DCMTK storescu and storescp (make test installs them)")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        study = generate_study(4711, pe=True, options=PhantomOptions(slices=args.slices))
+        n = len(write_study(study, tmp / "in")["ctpa"])
+        # (a) baseline: DCMTK storescp
+        port = free_port()
+        (tmp / "scp").mkdir()
+        scp = subprocess.Popen([shutil.which("storescp") or "storescp", "-od", str(tmp / "scp"), str(port)],
+                               env={**os.environ, "TCP_NODELAY": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        try:
+            t_dcmtk = send(tmp / "in", port, "STORESCP")
+        finally:
+            scp.terminate()
+            scp.wait(10)
+        # (b) the node's listener
+        cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp / 'node'}", "node.host=127.0.0.1",
+                                                       f"node.port={free_port()}"])
+        (tmp / "node").mkdir()
+        store = Store(f"sqlite:///{tmp / 'node' / 'petriage.db'}")
+        server = start_scp(cfg, store)
+        try:
+            t_node = send(tmp / "in", cfg.node.port, cfg.node.ae_title)
+        finally:
+            server.shutdown()
+            store.engine.dispose()
+        print(f"{n} images of 512x512 (explicit VR LE), one association, TCP_NODELAY=1")
+        print(f"{'receiver':<34} {'seconds':>8} {'images/s':>9} {'vs storescp':>12}")
+        print(f"{'DCMTK storescp (baseline)':<34} {t_dcmtk:8.2f} {n / t_dcmtk:9.0f} {1.0:11.2f}x")
+        print(f"{'petriage listener (fsync + SQLite)':<34} {t_node:8.2f} {n / t_node:9.0f} {t_dcmtk / t_node:11.2f}x")
+        # (c) the whole node: last image -> SR stored in the PACS
+        pacs_port = free_port()
+        pacs_cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp / 'pacs'}", "node.host=127.0.0.1",
+                                                            f"node.port={pacs_port}", "node.ae_title=PACS"])
+        (tmp / "pacs").mkdir()
+        pacs_store = Store(f"sqlite:///{tmp / 'pacs' / 'db.sqlite'}")
+        pacs = start_scp(pacs_cfg, pacs_store, fsync=False)
+        quiet = 2.0
+        node_cfg = load_config(None, environ={}, overrides=[
+            f"storage.root={tmp / 'node2'}", "node.host=127.0.0.1", f"node.port={free_port()}",
+            f"study.quiet_seconds={quiet}", f"model.bundle={Path(args.bundle).resolve()}", "model.device=cpu",
+            f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs_port}}}]"])
+        node = Node(node_cfg, sweep_seconds=0.25, stop_timeout=60)
+        try:
+            time.sleep(3.0)  # let the worker process load the model first
+            t_send = send(tmp / "in", node_cfg.node.port, node_cfg.node.ae_title)
+            last = time.perf_counter()
+            uid = study.identity.study_instance_uid
+            while (pacs_store.study(uid) or {}).get("instances", 0) < 5:
+                node.supervise()
+                if time.perf_counter() - last > 600:
+                    raise SystemExit("no results in 600 s")
+                time.sleep(0.05)
+            t_result = time.perf_counter() - last
+        finally:
+            node.stop()
+            pacs.shutdown()
+        print(f"whole node: {n} images received in {t_send:.2f} s; last image -> SR and 4 key images stored "
+              f"in the PACS: {t_result:.2f} s, of which {quiet:.1f} s is the quiet period that decides the study "
+              f"is complete")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
