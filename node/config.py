@@ -78,6 +78,15 @@ class StudySettings(_Section):
         return self
 
 
+class SeriesSettings(_Section):
+    """Which series of a study may be analysed as the CTPA (node/selection.py ranks the eligible ones)."""
+
+    min_slices: Annotated[int, Field(ge=2, le=5000)] = 16
+    max_slice_thickness_mm: Annotated[float, Field(gt=0, le=20)] = 10.0
+    require_original_primary: bool = True  # refuse DERIVED/SECONDARY reformats (MIPs, MPRs)
+    max_gap_factor: Annotated[float, Field(ge=1.0, le=10)] = 1.5  # a gap over this x the median spacing: slices missing
+
+
 class ModelSettings(_Section):
     """The model bundle and where it runs."""
 
@@ -110,6 +119,7 @@ class Config(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     study: StudySettings = Field(default_factory=StudySettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=_default_destinations)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

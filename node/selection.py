@@ -56,11 +56,24 @@ def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, 
     return groups, first, unreadable
 
 
-def _why_not(ds: pydicom.Dataset, n: int) -> str | None:
+@dataclass(frozen=True)
+class SeriesRules:
+    """Eligibility rules (config section ``series``)."""
+
+    min_slices: int = MIN_SLICES
+    max_slice_thickness_mm: float = 10.0
+    require_original_primary: bool = True
+
+
+def _why_not(ds: pydicom.Dataset, n: int, rules: SeriesRules) -> str | None:
     if str(getattr(ds, "Modality", "")) != "CT":
         return f"modality {getattr(ds, 'Modality', 'missing')}"
-    if any("LOCALIZER" in str(v).upper() for v in getattr(ds, "ImageType", [])):
+    image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
+    if "LOCALIZER" in image_type:
         return "localizer"
+    if rules.require_original_primary and image_type[:2] != ["ORIGINAL", "PRIMARY"]:
+        joined = "\\".join(image_type[:2]) or "missing"
+        return f"ImageType {joined} (not ORIGINAL\\PRIMARY)"
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         return "multi-frame"
     try:
@@ -69,8 +82,11 @@ def _why_not(ds: pydicom.Dataset, n: int) -> str | None:
         return "no ImageOrientationPatient"
     if abs(np.cross(iop[:3], iop[3:])[2]) < 0.9:
         return "not axial"
-    if n < MIN_SLICES:
-        return f"{n} slices (fewer than {MIN_SLICES})"
+    if n < rules.min_slices:
+        return f"{n} slices (fewer than {rules.min_slices})"
+    thickness = float(getattr(ds, "SliceThickness", 0) or 0)
+    if thickness > rules.max_slice_thickness_mm:
+        return f"{thickness:g} mm slices (thicker than {rules.max_slice_thickness_mm:g} mm)"
     return None
 
 
@@ -82,8 +98,9 @@ def _rank(ds: pydicom.Dataset, n: int) -> tuple:
     return (contrast, soft, -thickness, n)
 
 
-def choose_ctpa(paths: Iterable[Path]) -> SeriesChoice:
+def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> SeriesChoice:
     """Pick the CTPA series among the files of one study."""
+    rules = rules or SeriesRules()
     groups, first, unreadable = _series_of(paths)
     if not groups:
         raise SeriesError(f"no readable DICOM files ({len(unreadable)} unreadable)")
@@ -92,7 +109,7 @@ def choose_ctpa(paths: Iterable[Path]) -> SeriesChoice:
         raise SeriesError(f"files from {len(studies)} studies; give one study")
     rejected, ranked = {}, []
     for uid, files in groups.items():
-        why = _why_not(first[uid], len(files))
+        why = _why_not(first[uid], len(files), rules)
         if why:
             rejected[uid] = why
         else:

@@ -98,6 +98,21 @@ def index_series(paths: Sequence[Path]) -> SeriesIndex:
                        str(first.SeriesInstanceUID), str(getattr(first, "PatientID", "")))
 
 
+def check_spacing(index: SeriesIndex, max_gap_factor: float = 1.5) -> float:
+    """The median slice spacing; SeriesError if two slices share a position or slices are missing."""
+    if len(index) < 2:
+        return 0.0
+    gaps = np.abs(np.diff(index.positions_mm))
+    spacing = float(np.median(gaps))
+    if gaps.min() < 1e-3:
+        raise SeriesError("two slices share one position (duplicate or overlapping acquisitions in one series)")
+    if gaps.max() > max_gap_factor * spacing:
+        k = int(np.argmax(gaps))
+        raise SeriesError(f"slices missing: a {gaps[k]:.1f} mm gap after slice {k + 1} of {len(index)} "
+                          f"(median spacing {spacing:.2f} mm)")
+    return spacing
+
+
 def _hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)

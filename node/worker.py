@@ -25,8 +25,8 @@ from node.config import Destination
 from node.errors import NodeError
 from node.inference import Engine
 from node.scu import SendError, send_files
-from node.selection import choose_ctpa
-from node.series import SeriesError, index_series
+from node.selection import SeriesRules, choose_ctpa
+from node.series import SeriesError, check_spacing, index_series
 from node.store import JobState, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,13 @@ class Worker:
 
     def __init__(self, store: Store, engine: Engine, *, owner: str | None = None, lease_seconds: float = 120.0,
                  clock: Callable[[], dt.datetime] = utcnow, outbox_root: Path | None = None,
-                 destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE"):
+                 destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE",
+                 rules: SeriesRules | None = None, max_gap_factor: float = 1.5):
         self.store, self.engine = store, engine
         self.owner = owner or worker_name()
         self.lease_seconds, self.clock = lease_seconds, clock
         self.outbox_root, self.destinations, self.ae_title = outbox_root, list(destinations), ae_title
+        self.rules, self.max_gap_factor = rules or SeriesRules(), max_gap_factor
 
     def run_once(self) -> dict | None:
         """Claim and advance one job; returns its new state, or None when nothing is due."""
@@ -78,8 +80,10 @@ class Worker:
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise NodeError(f"{len(missing)} of {len(files)} spooled files are missing (e.g. {missing[0].name})")
-            choice = choose_ctpa(files)
-            analysis = self.engine.analyze(index_series(choice.paths), progress=beat)
+            choice = choose_ctpa(files, self.rules)
+            index = index_series(choice.paths)
+            check_spacing(index, self.max_gap_factor)
+            analysis = self.engine.analyze(index, progress=beat)
             summary = analysis.summary() | {"series": {"series_instance_uid": choice.series_instance_uid,
                                                        "description": choice.description,
                                                        "reason": choice.reason}}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pydicom
 import pytest
 import torch
 
@@ -182,7 +183,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTorch())
 from node.cli import main
-code = main(["analyze", sys.argv[1], "--bundle", sys.argv[2], "--json"])
+code = main(["--set", "series.max_slice_thickness_mm=12", "analyze", sys.argv[1], "--bundle", sys.argv[2], "--json"])
 assert "torch" not in sys.modules and "onnx" not in sys.modules
 sys.exit(code)
 """
@@ -211,14 +212,17 @@ def test_petriage_analyze_says_what_is_wrong_with_a_bad_folder_or_bundle(bundle,
 
 
 def test_series_selection_prefers_contrast_soft_kernel_thin_slices_and_ignores_localizers(study_dir):
-    choice = choose_ctpa(p for p in study_dir.rglob("*.dcm"))
+    from node.selection import SeriesRules
+
+    loose = SeriesRules(max_slice_thickness_mm=20.0)  # the test phantom's CTPA has 12 mm slices
+    choice = choose_ctpa((p for p in study_dir.rglob("*.dcm")), loose)
     assert choice.description.startswith("CTPA")
     assert sorted(choice.rejected.values()).count("localizer") == 1
     others = [p for p in study_dir.rglob("*.dcm") if p.parent != choice.paths[0].parent]
-    assert choose_ctpa(others).description.startswith("Lung")  # contrast beats the non-contrast series
+    assert choose_ctpa(others, loose).description.startswith("Lung")  # contrast beats the non-contrast series
     localizer = [p for p in others if choice.rejected.get(p.parent.name) == "localizer"]
     with pytest.raises(SeriesError, match="no series qualifies as a CTPA: .*localizer"):
-        choose_ctpa(localizer)
+        choose_ctpa(localizer, loose)
 
 
 def test_export_refuses_a_run_that_has_not_finished(tmp_path, capsys):
@@ -277,3 +281,26 @@ def test_the_same_study_compressed_or_shuffled_gets_the_same_probability_from_th
         paths = write_study(generate_study(910005, pe=True, options=opts), tmp_path / syntax)["ctpa"]
         probs.append(engine.analyze(index_series(paths)).probability)
     assert probs[0] == probs[1] == probs[2]  # lossless: bit-identical HU, identical probability
+
+
+def test_series_rules_from_config_refuse_thick_derived_and_gapped_series(study_dir):
+    from node.selection import SeriesRules
+    from node.series import check_spacing
+
+    files = list(study_dir.rglob("*.dcm"))
+    choice = choose_ctpa(files, SeriesRules(max_slice_thickness_mm=8.0))
+    assert choice.description.startswith("Chest w/o contrast")  # the 12 mm CTPA and lung series are out
+    assert sum("12 mm slices (thicker than 8 mm)" == why for why in choice.rejected.values()) == 2
+    choice = choose_ctpa(files, SeriesRules(max_slice_thickness_mm=20.0))
+    derived = choice.paths[0].parent
+    for p in derived.glob("*.dcm"):
+        ds = pydicom.dcmread(p)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.save_as(p)
+    with pytest.raises(SeriesError, match=r"ImageType DERIVED\\SECONDARY"):
+        choose_ctpa(list(derived.glob("*.dcm")), SeriesRules(max_slice_thickness_mm=20.0))
+    index = index_series(sorted(derived.glob("*.dcm")))
+    assert check_spacing(index) == pytest.approx(TINY.slice_spacing_mm)
+    gapped = [p for p in index.paths if p != index.paths[len(index) // 2]]
+    with pytest.raises(SeriesError, match="slices missing: a 24.0 mm gap"):
+        check_spacing(index_series(gapped))

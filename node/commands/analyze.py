@@ -40,15 +40,19 @@ def analyze_cmd(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, int8 or fp16 (default: model.precision).")] = None,
 ) -> None:
     """Run the model on one study (offline) and print probability, decision, series and key slices."""
+    from node.commands.serve import rules_from
     from node.inference import Engine  # onnxruntime loads here, not for --help
     from node.selection import choose_ctpa
-    from node.series import index_series
+    from node.series import check_spacing, index_series
 
-    cfg = ctx.obj.config.model
-    choice = choose_ctpa(_files(path))
-    index = index_series(choice.paths)
+    config = ctx.obj.config
+    cfg = config.model
+    files = _files(path)
     engine = Engine(bundle or cfg.bundle, device=device or cfg.device, precision=precision or cfg.precision,
                     threads=cfg.threads or None)
+    choice = choose_ctpa(files, rules_from(config))
+    index = index_series(choice.paths)
+    check_spacing(index, config.series.max_gap_factor)
     if as_json:
         result = engine.analyze(index)
     else:
