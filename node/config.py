@@ -93,6 +93,7 @@ class ModelSettings(_Section):
     bundle: Path = Path("models/demo")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "int8", "fp16"] = "auto"
+    key_images: Annotated[int, Field(ge=1, le=20)] = 3  # key slices shown as SC overlays and SR regions
     threads: Annotated[int, Field(ge=0, le=256)] = 0  # CPU threads for onnxruntime; 0 lets it decide
 
 

@@ -101,11 +101,12 @@ class Engine:
     """Runs a bundle on series; build once, reuse for every study."""
 
     def __init__(self, bundle: Bundle | Path, *, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, batch: int = 16):
+                 threads: int | None = None, batch: int = 16, key_slices: int | None = None):
         import onnxruntime as ort  # imported here so that `import node.inference` stays cheap
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(Path(bundle))
         self.spec, self.batch = self.bundle.spec, batch
+        self.key_slices = key_slices or self.bundle.manifest.key_slices
         if device not in ("auto", "cpu", "cuda"):
             raise InferenceError(f"device {device!r} (expected auto, cpu or cuda)")
         if precision not in ("auto", "fp32", "int8", "fp16"):
@@ -213,7 +214,7 @@ class Engine:
         op = m.operating_point(operating_point)
         stride = m.cam_stride
         keys = []
-        for j in pick_key_slices(slab_probs, m.key_slices):
+        for j in pick_key_slices(slab_probs, self.key_slices):
             i = min(n - 1, j * k + (min(n, (j + 1) * k) - j * k) // 2)  # the middle slice of slab j
             r, c = np.unravel_index(int(np.argmax(cams[j])), cams[j].shape)
             row, col = input_to_pixel(np.array([(r + 0.5) * stride, (c + 0.5) * stride]), index.shape,

@@ -33,7 +33,7 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
     port = free_port()
     cfg = load_config(None, environ={}, overrides=[
         f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={port}", "study.quiet_seconds=2",
-        "study.max_wait_seconds=60", "model.device=cpu",
+        "study.max_wait_seconds=60", "model.device=cpu", "model.key_images=2",
         f"destinations=[{{name: pacs, ae_title: {orthanc.ae_title}, host: 127.0.0.1, port: {orthanc.dicom_port}}}]"])
     study = generate_study(930001, pe=True, options=DATA)
     write_study(study, tmp_path / "in")
@@ -59,7 +59,7 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
     modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
     assert modalities.count("SR") == 1 and modalities.count("OT") == 1, modalities  # SR + SC (modality OT)
     results = [s for s in series if s["MainDicomTags"].get("Modality") in ("SR", "OT")]
-    assert sum(len(s["Instances"]) for s in results) == 1 + 3 + 1  # SR, 3 key images, summary
+    assert sum(len(s["Instances"]) for s in results) == 1 + 2 + 1  # SR, model.key_images = 2 key images, summary
     for s in results:
         for instance in s["Instances"]:
             path = tmp_path / f"{instance}.dcm"

@@ -47,7 +47,7 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     store = Store(database_url(cfg.storage.root))
     engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
-                    threads=cfg.model.threads or None)
+                    threads=cfg.model.threads or None, key_slices=cfg.model.key_images)
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
                     destinations=cfg.destinations, ae_title=cfg.node.ae_title, rules=rules_from(cfg),
                     max_gap_factor=cfg.series.max_gap_factor)
