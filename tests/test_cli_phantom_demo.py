@@ -33,6 +33,9 @@ def test_demo_makes_validates_and_shows_a_positive_and_a_negative_study(tmp_path
     assert "petriage-pe-demo" in printed and "synthetic training data" in printed  # the bundled model ran
     assert printed.count("done: PE") == 2 and "not for diagnostic use" in printed  # both analysed and sent
     assert len(list((tmp_path / "png").glob("result-*.png"))) == 2 * 4  # key images + summary, from the PACS
+    from node.commands.demo_pacs import ORTHANC
+
+    assert ("Orthanc" in printed) == (ORTHANC is not None)  # Orthanc is the PACS wherever it is installed
     pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
     assert "positive-overlay.png" in pngs and "negative-axial.png" in pngs
     # per study: CTPA, scout, lung (10 mm slabs here), non-contrast (5 mm)

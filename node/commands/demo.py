@@ -100,8 +100,8 @@ def _serve_and_send(cfg, studies: list[tuple[bool, str, list[Path]]], out_dir: P
               + (" - synthetic training data, not for clinical use" if m["synthetic_training_data"] else ""),
               soft_wrap=True)
     with out.status("node on loopback: receiving, completing, analysing, sending SR + key images to a PACS"):
-        rows = run_node_demo(cfg, studies, out_dir)
-    table = Table(title="the node: C-STORE in, SR + key images out to the PACS")
+        pacs_name, rows = run_node_demo(cfg, studies, out_dir)
+    table = Table(title=f"the node: C-STORE in, SR + key images out to the PACS: {pacs_name}")
     for col in ("study", "truth", "series chosen", "probability", "decision", "last image -> results in PACS"):
         table.add_column(col)
     for r in rows:

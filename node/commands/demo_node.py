@@ -1,9 +1,10 @@
-"""The demo's second half: the node itself on loopback, a receiving "PACS", and the studies sent to it.
+"""The demo's second half: the node itself on loopback, a receiving PACS, and the studies sent to it.
 
-The PACS is a small storage SCP (this package's own listener, AE ``DEMOPACS``, storing under the demo
-folder). The node runs as ``petriage serve`` would (listener, sweep, worker process) with temporary
-storage; each study is sent with C-STORE, and the clock runs from its last image leaving the sender
-until the SR and key images are stored in the PACS.
+The PACS is Orthanc when it is installed (``node/commands/demo_pacs.py``), otherwise this package's
+own listener as a small storage SCP; either way AE ``DEMOPACS``, storing under the demo folder. The
+node runs as ``petriage serve`` would (listener, sweep, worker process) with temporary storage; each
+study is sent with C-STORE, and the clock runs from its last image leaving the sender until the
+results are acknowledged by the PACS (the job is done only then).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -38,19 +40,29 @@ def _free_port() -> int:
 
 
 def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_dir: Path,
-                  timeout: float = 600.0) -> list[DemoRow]:
+                  timeout: float = 600.0) -> tuple[str, list[DemoRow]]:
+    """Run the node and a PACS, send ``studies`` (truth, StudyInstanceUID, files); returns (PACS name, rows)."""
+    from node.commands.demo_pacs import ORTHANC, OrthancPacs
     from node.commands.serve import Node
     from node.config import load_config
     from node.scp import start_scp
     from node.scu import send_files
-    from node.store import JobState, Store
+    from node.store import FINAL_STATES, JobState, Store
 
-    pacs_port, node_port = _free_port(), _free_port()
-    pacs_cfg = load_config(None, environ={}, overrides=[f"storage.root={out_dir / 'pacs'}", "node.host=127.0.0.1",
-                                                        f"node.port={pacs_port}", "node.ae_title=DEMOPACS"])
-    (out_dir / "pacs").mkdir(parents=True, exist_ok=True)
-    pacs_store = Store(f"sqlite:///{out_dir / 'pacs' / 'pacs.db'}")
-    pacs = start_scp(pacs_cfg, pacs_store, fsync=False)
+    node_port = _free_port()
+    orthanc = OrthancPacs(out_dir / "orthanc") if ORTHANC else None
+    pacs_store, pacs = None, None
+    if orthanc is not None:
+        pacs_name, pacs_port = f"Orthanc ({ORTHANC})", orthanc.port
+    else:
+        pacs_port = _free_port()
+        pacs_cfg = load_config(None, environ={}, overrides=[f"storage.root={out_dir / 'pacs'}",
+                                                            "node.host=127.0.0.1", f"node.port={pacs_port}",
+                                                            "node.ae_title=DEMOPACS"])
+        (out_dir / "pacs").mkdir(parents=True, exist_ok=True)
+        pacs_store = Store(f"sqlite:///{out_dir / 'pacs' / 'pacs.db'}")
+        pacs = start_scp(pacs_cfg, pacs_store, fsync=False)
+        pacs_name = "petriage storage SCP (Orthanc is not installed)"
     node_cfg = cfg.model_copy(update={
         "node": cfg.node.model_copy(update={"host": "127.0.0.1", "port": node_port, "allowed_calling_aets": []}),
         "storage": cfg.storage.model_copy(update={"root": out_dir / "node"}),
@@ -59,43 +71,59 @@ def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_
             f"destinations=[{{name: demopacs, ae_title: DEMOPACS, host: 127.0.0.1, port: {pacs_port}}}]"]
         ).destinations,
     })
-    node = Node(node_cfg, sweep_seconds=0.5, stop_timeout=60)
     rows = []
     try:
-        for truth, uid, files in studies:
-            send_files(files, node_cfg.destinations[0].model_copy(update={
-                "name": "node", "ae_title": node_cfg.node.ae_title, "port": node_port}), calling_ae_title="DEMOSCANNER")
-            sent = time.monotonic()
-            while time.monotonic() - sent < timeout:
-                node.supervise()
-                jobs = node.store.jobs_of(uid)
-                final = [j for j in jobs if j["state"] in (JobState.DONE, JobState.SKIPPED, JobState.FAILED)]
-                study = pacs_store.study(uid)
-                if final and (final[-1]["state"] != JobState.DONE or (study and study["instances"] >= 5)):
-                    break
-                time.sleep(0.1)
-            seconds = time.monotonic() - sent
-            job = node.store.jobs_of(uid)[-1]
-            summary = json.loads(job["result"]) if job.get("result") else {}
-            pngs = _pngs(pacs_store.study_files(uid), out_dir / "png", uid)
-            rows.append(DemoRow(uid, truth, summary.get("series", {}).get("description", "-"),
-                                summary.get("probability"), f"{job['state']}: {summary.get('decision', job['reason'])}",
-                                seconds, pngs))
+        node = Node(node_cfg, sweep_seconds=0.5, stop_timeout=60)
+        try:
+            to_node = node_cfg.destinations[0].model_copy(update={"name": "node", "ae_title": node_cfg.node.ae_title,
+                                                                  "port": node_port})
+            for truth, uid, files in studies:
+                send_files(files, to_node, calling_ae_title="DEMOSCANNER")
+                sent = time.monotonic()
+                while time.monotonic() - sent < timeout:
+                    node.supervise()
+                    jobs = node.store.jobs_of(uid)
+                    if jobs and all(j["state"] in FINAL_STATES for j in jobs):
+                        break
+                    time.sleep(0.1)
+                seconds = time.monotonic() - sent
+                job = node.store.jobs_of(uid)[-1]
+                summary = json.loads(job["result"]) if job.get("result") else {}
+                pngs: list[Path] = []
+                if job["state"] == JobState.DONE and job.get("outbox"):
+                    pngs = _pngs(Path(job["outbox"]), out_dir / "png", uid, orthanc, pacs_store)
+                rows.append(DemoRow(uid, truth, summary.get("series", {}).get("description", "-"),
+                                    summary.get("probability"),
+                                    f"{job['state']}: {summary.get('decision', job['reason'])}", seconds, pngs))
+        finally:
+            node.stop()
     finally:
-        node.stop()
-        pacs.shutdown()
-        pacs_store.engine.dispose()
-    return rows
+        if orthanc is not None:
+            orthanc.stop()
+        if pacs is not None and pacs_store is not None:
+            pacs.shutdown()
+            pacs_store.engine.dispose()
+    return pacs_name, rows
 
 
-def _pngs(files: list[Path], folder: Path, uid: str) -> list[Path]:
-    """The secondary captures the PACS received, as PNG."""
+def _pngs(outbox: Path, folder: Path, uid: str, orthanc, pacs_store) -> list[Path]:
+    """The secondary captures as the PACS holds them (read back from it), as PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for path in files:
-        ds = pydicom.dcmread(path)
-        if str(ds.SOPClassUID) != pydicom.uid.SecondaryCaptureImageStorage:
+    for sent in sorted(outbox.glob("*.dcm")):
+        header = pydicom.dcmread(sent, stop_before_pixels=True)
+        if str(header.SOPClassUID) != pydicom.uid.SecondaryCaptureImageStorage:
             continue
+        if orthanc is not None:
+            data = orthanc.instance_file(str(header.SOPInstanceUID))
+            if data is None:
+                continue
+            ds = pydicom.dcmread(BytesIO(data))
+        else:
+            stored = [p for p in pacs_store.study_files(uid) if p.stem == str(header.SOPInstanceUID)]
+            if not stored:
+                continue
+            ds = pydicom.dcmread(stored[0])
         target = folder / f"result-{uid[-6:]}-{int(ds.InstanceNumber)}.png"
         Image.fromarray(ds.pixel_array).save(target)
         out.append(target)
