@@ -82,7 +82,7 @@ class StudyResult:
         }
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
@@ -178,7 +178,7 @@ class Engine:
         """Features (T, F) of one study -> study probability, per-slice probabilities (T,)."""
         x = features[None].astype(np.float32)
         study_logit, slice_logits = self.stage2.run(None, {self.stage2.get_inputs()[0].name: x})
-        return float(_sigmoid(study_logit[0])), _sigmoid(slice_logits[0]).astype(np.float32)
+        return float(sigmoid(study_logit[0])), sigmoid(slice_logits[0]).astype(np.float32)
 
     def analyze(self, index: SeriesIndex, *, operating_point: str | None = None,
                 progress: Progress | None = None) -> StudyResult:
@@ -224,7 +224,7 @@ class Engine:
         return StudyResult(
             index.study_instance_uid, index.series_instance_uid, probability, probability >= op.threshold,
             op.threshold, op.name, index.sop_instance_uids, slab_probs[per_slice],
-            _sigmoid(logits[per_slice]).astype(np.float32), cams[per_slice], keys,
+            sigmoid(logits[per_slice]).astype(np.float32), cams[per_slice], keys,
             model=self.describe() | {"slab_slices": k}, seconds=time.perf_counter() - start)
 
     def describe(self) -> dict:

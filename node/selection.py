@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from node.config import SeriesSettings
 from node.series import SeriesError
 
 MIN_SLICES = 16
@@ -38,10 +39,12 @@ class SeriesChoice:
     paths: tuple[Path, ...]
     reason: str
     rejected: dict[str, str] = field(default_factory=dict)  # SeriesInstanceUID -> why not
+    headers: tuple[pydicom.Dataset, ...] = field(default=(), compare=False, repr=False)  # of ``paths``, no pixels
 
 
-def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, pydicom.Dataset], list[Path]]:
-    groups: dict[str, list[Path]] = defaultdict(list)
+def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]],
+                                               dict[str, pydicom.Dataset], list[Path]]:
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     first: dict[str, pydicom.Dataset] = {}
     unreadable = []
     for p in paths:
@@ -51,7 +54,7 @@ def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, 
         except (InvalidDicomError, OSError, AttributeError, ValueError):
             unreadable.append(Path(p))
             continue
-        groups[uid].append(Path(p))
+        groups[uid].append((Path(p), ds))
         first.setdefault(uid, ds)
     return groups, first, unreadable
 
@@ -63,6 +66,10 @@ class SeriesRules:
     min_slices: int = MIN_SLICES
     max_slice_thickness_mm: float = 10.0
     require_original_primary: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: SeriesSettings) -> SeriesRules:
+        return cls(settings.min_slices, settings.max_slice_thickness_mm, settings.require_original_primary)
 
 
 def _why_not(ds: pydicom.Dataset, n: int, rules: SeriesRules) -> str | None:
@@ -125,4 +132,6 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
     reason = (f"{n} axial CT slices, {-neg_thickness:g} mm, "
               f"{'contrast-enhanced' if contrast else 'no contrast information'}, "
               f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}")
-    return SeriesChoice(best, str(getattr(ds, "SeriesDescription", "")), tuple(sorted(groups[best])), reason, rejected)
+    members = sorted(groups[best], key=lambda item: item[0])
+    return SeriesChoice(best, str(getattr(ds, "SeriesDescription", "")), tuple(p for p, _ in members), reason,
+                        rejected, tuple(h for _, h in members))

@@ -63,15 +63,17 @@ def _header(path: Path) -> pydicom.Dataset:
         raise SeriesError(f"{Path(path).name}: not a readable DICOM file ({exc})") from exc
 
 
-def index_series(paths: Sequence[Path]) -> SeriesIndex:
+def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | None = None) -> SeriesIndex:
     """Sort a single-frame CT series along the slice normal, reading headers only.
 
     The order is head first: the slice whose position projects furthest towards the patient's head
-    (+z) comes first, whatever the files' order, names or InstanceNumbers.
+    (+z) comes first, whatever the files' order, names or InstanceNumbers. ``headers`` (the files'
+    datasets, read without pixels, in the same order) spare a second read when a caller has them.
     """
     if not paths:
         raise SeriesError("no files")
-    headers = [_header(Path(p)) for p in paths]
+    if headers is None or len(headers) != len(paths):
+        headers = [_header(Path(p)) for p in paths]
     first = headers[0]
     try:
         iop = _f(first.ImageOrientationPatient)

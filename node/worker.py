@@ -81,19 +81,19 @@ class Worker:
             if missing:
                 raise NodeError(f"{len(missing)} of {len(files)} spooled files are missing (e.g. {missing[0].name})")
             choice = choose_ctpa(files, self.rules)
-            index = index_series(choice.paths)
+            index = index_series(choice.paths, choice.headers)
             check_spacing(index, self.max_gap_factor)
             analysis = self.engine.analyze(index, progress=beat)
             summary = analysis.summary() | {"series": {"series_instance_uid": choice.series_instance_uid,
                                                        "description": choice.description,
                                                        "reason": choice.reason}}
             state, result = JobState.DONE, json.dumps(summary)
-            reason = f"{summary['decision']}, probability {analysis.probability:.3f}"
+            reason = f"{summary['decision']}, probability {summary['probability']:.3f}"
             if self.outbox_root is not None and self.destinations:
-                outbox = self._write_outputs(job_id, analysis, choice.paths)
+                outbox = self._write_outputs(job_id, analysis, index.paths)
                 self.store.set_outputs(job_id, self.owner, str(outbox), result, self.clock())
                 job = job | {"outbox": str(outbox), "result": result, "delivered": "[]", "send_attempts": 0}
-                return self._deliver(job, analysed=reason)
+                return self._deliver(job)
         except SeriesError as exc:
             state, reason = JobState.SKIPPED, f"no CTPA series: {exc}"
         except NodeError as exc:
@@ -109,7 +109,8 @@ class Worker:
         log.info("job %d (study ...%s): %s - %s", job_id, uid[-8:], state, reason)
         return {"id": job_id, "study_instance_uid": uid, "state": state, "reason": reason, "result": result}
 
-    def _write_outputs(self, job_id: int, analysis, series_paths: Sequence[Path]) -> Path:
+    def _write_outputs(self, job_id: int, analysis, sorted_paths: Sequence[Path]) -> Path:
+        """SR + SC into the outbox; ``sorted_paths`` are the analysed series' files in the index's order."""
         from node.outputs.sc import make_sc_series
         from node.outputs.sr import make_sr
         from node.spool import write_atomic
@@ -117,13 +118,7 @@ class Worker:
         assert self.outbox_root is not None
         manifest = self.engine.bundle.manifest
         sha = self.engine.stage1_file.sha256
-        by_sop = {}
-        wanted = {k.sop_instance_uid for k in analysis.key_slices}
-        for p in series_paths:
-            header = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            if str(header.SOPInstanceUID) in wanted:
-                by_sop[str(header.SOPInstanceUID)] = p
-        sources = [pydicom.dcmread(by_sop[k.sop_instance_uid]) for k in analysis.key_slices]
+        sources = [pydicom.dcmread(sorted_paths[k.index]) for k in analysis.key_slices]
         objects = [make_sr(analysis, sources, model_sha256=sha),
                    *make_sc_series(analysis, sources, model_sha256=sha, spec=manifest.spec(),
                                    cam_stride=manifest.cam_stride)]
@@ -134,7 +129,7 @@ class Worker:
             write_atomic(outbox / f"{obj.SOPInstanceUID}.dcm", buffer.getvalue())
         return outbox
 
-    def _deliver(self, job: dict, analysed: str = "") -> dict:
+    def _deliver(self, job: dict) -> dict:
         job_id, uid = job["id"], job["study_instance_uid"]
         files = sorted(Path(job["outbox"]).glob("*.dcm"))
         delivered = set(json.loads(job.get("delivered") or "[]"))
@@ -148,7 +143,8 @@ class Worker:
                 delivered.add(dest.name)
             except (SendError, OSError) as exc:
                 problems.append(str(exc))
-        base = analysed or (job.get("reason") or "").split("; sent")[0].split("; send")[0]
+        summary = json.loads(job["result"])
+        base = f"{summary['decision']}, probability {summary['probability']:.3f}"
         if not problems:
             return self._finish(job_id, uid, JobState.DONE, f"{base}; sent to {', '.join(sorted(delivered))}",
                                 job.get("result"))

@@ -32,6 +32,7 @@ from node.bundle import (
     load_bundle,
     sha256_of,
 )
+from node.inference import sigmoid
 from node.preprocess import PreprocessSpec, to_float
 from onnx_export import ExportError
 from onnx_export.graphs import export_stage1, export_stage2, tensor_infos
@@ -43,10 +44,6 @@ from training.engine import load_slice_net, load_study_net
 PARITY_TOLERANCE = 1e-4
 VARIANT_TOLERANCE = 0.01
 Say = Callable[[str], None]
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 class _Runner:
@@ -74,7 +71,7 @@ class _Runner:
                 lg.append(out[0])
                 feats.append(out[1])
             study, _ = self.stage2.run(None, {"features": np.concatenate(feats)[None]})
-            probs.append(float(_sigmoid(study[0])))
+            probs.append(float(sigmoid(study[0])))
             logits.append(np.concatenate(lg))
         return np.array(probs), np.concatenate(logits)
 

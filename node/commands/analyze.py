@@ -40,9 +40,8 @@ def analyze_cmd(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, int8 or fp16 (default: model.precision).")] = None,
 ) -> None:
     """Run the model on one study (offline) and print probability, decision, series and key slices."""
-    from node.commands.serve import rules_from
     from node.inference import Engine  # onnxruntime loads here, not for --help
-    from node.selection import choose_ctpa
+    from node.selection import SeriesRules, choose_ctpa
     from node.series import check_spacing, index_series
 
     config = ctx.obj.config
@@ -50,8 +49,8 @@ def analyze_cmd(
     files = _files(path)
     engine = Engine(bundle or cfg.bundle, device=device or cfg.device, precision=precision or cfg.precision,
                     threads=cfg.threads or None)
-    choice = choose_ctpa(files, rules_from(config))
-    index = index_series(choice.paths)
+    choice = choose_ctpa(files, SeriesRules.from_settings(config.series))
+    index = index_series(choice.paths, choice.headers)
     check_spacing(index, config.series.max_gap_factor)
     if as_json:
         result = engine.analyze(index)

@@ -92,12 +92,12 @@ def demo_cmd(
 
 def _serve_and_send(cfg, studies: list[tuple[bool, str, list[Path]]], out_dir: Path) -> None:
     """Run the node on loopback, send both studies, and show what came back to the PACS."""
+    from node.bundle import load_bundle
     from node.commands.demo_node import run_node_demo
-    from node.inference import Engine
 
-    m = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision).describe()
-    out.print(f"model {m['name']} {m['version']} ({m['stage1_precision']}, {', '.join(m['providers'])})"
-              + (" - synthetic training data, not for clinical use" if m["synthetic_training_data"] else ""),
+    m = load_bundle(cfg.model.bundle).manifest  # verified here; the worker process builds the sessions
+    out.print(f"model {m.name} {m.version} (device {cfg.model.device}, precision {cfg.model.precision})"
+              + (" - synthetic training data, not for clinical use" if m.synthetic_training_data else ""),
               soft_wrap=True)
     with out.status("node on loopback: receiving, completing, analysing, sending SR + key images to a PACS"):
         pacs_name, rows = run_node_demo(cfg, studies, out_dir)

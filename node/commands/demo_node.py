@@ -10,7 +10,6 @@ results are acknowledged by the PACS (the job is done only then).
 from __future__ import annotations
 
 import json
-import socket
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -33,29 +32,23 @@ class DemoRow:
     pngs: list[Path]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_dir: Path,
                   timeout: float = 600.0) -> tuple[str, list[DemoRow]]:
     """Run the node and a PACS, send ``studies`` (truth, StudyInstanceUID, files); returns (PACS name, rows)."""
-    from node.commands.demo_pacs import ORTHANC, OrthancPacs
+    from node.commands.demo_pacs import ORTHANC, OrthancPacs, free_port
     from node.commands.serve import Node
     from node.config import load_config
     from node.scp import start_scp
     from node.scu import send_files
     from node.store import FINAL_STATES, JobState, Store
 
-    node_port = _free_port()
+    node_port = free_port()
     orthanc = OrthancPacs(out_dir / "orthanc") if ORTHANC else None
     pacs_store, pacs = None, None
     if orthanc is not None:
         pacs_name, pacs_port = f"Orthanc ({ORTHANC})", orthanc.port
     else:
-        pacs_port = _free_port()
+        pacs_port = free_port()
         pacs_cfg = load_config(None, environ={}, overrides=[f"storage.root={out_dir / 'pacs'}",
                                                             "node.host=127.0.0.1", f"node.port={pacs_port}",
                                                             "node.ae_title=DEMOPACS"])

@@ -22,17 +22,11 @@ from node.config import Config
 log = logging.getLogger(__name__)
 
 
-def rules_from(cfg: Config):
-    from node.selection import SeriesRules
-
-    s = cfg.series
-    return SeriesRules(s.min_slices, s.max_slice_thickness_mm, s.require_original_primary)
-
-
 def _worker_main(config_json: dict, lease_seconds: float) -> None:
     """Entry point of the worker process (spawned: a clean interpreter, no inherited threads)."""
     from node.config import Config
     from node.inference import Engine
+    from node.selection import SeriesRules
     from node.store import Store, database_url
     from node.worker import Worker
 
@@ -49,8 +43,8 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
                     threads=cfg.model.threads or None, key_slices=cfg.model.key_images)
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
-                    destinations=cfg.destinations, ae_title=cfg.node.ae_title, rules=rules_from(cfg),
-                    max_gap_factor=cfg.series.max_gap_factor)
+                    destinations=cfg.destinations, ae_title=cfg.node.ae_title,
+                    rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor)
     worker.run_forever(stop, poll_seconds=0.5)
 
 

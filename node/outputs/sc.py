@@ -38,16 +38,9 @@ def cam_on_pixels(cam: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float
                   stride: int) -> np.ndarray:
     """The (h, w) CAM resampled bilinearly onto the original (rows, columns) grid; NaN outside the model's field."""
     h, w = cam.shape
-    axes = []
-    for axis in (0, 1):
-        # model-input coordinate of each original pixel centre, then CAM cell coordinate
-        probe = np.zeros((shape[axis], 2))
-        probe[:, axis] = np.arange(shape[axis]) + 0.5
-        scale = input_to_pixel(np.array([[spec.size, spec.size]], dtype=float), shape, pixel_mm, spec)[0, axis]
-        origin = input_to_pixel(np.zeros((1, 2)), shape, pixel_mm, spec)[0, axis]
-        inputs = (probe[:, axis] - origin) * spec.size / (scale - origin)
-        axes.append(inputs / stride - 0.5)
-    ry, rx = axes
+    origin = input_to_pixel(np.zeros(2), shape, pixel_mm, spec)  # input_to_pixel is linear per axis
+    scale = (input_to_pixel(np.full(2, float(spec.size)), shape, pixel_mm, spec) - origin) / spec.size
+    ry, rx = ((np.arange(shape[a]) + 0.5 - origin[a]) / scale[a] / stride - 0.5 for a in (0, 1))
     inside = (ry >= -0.5)[:, None] & (ry <= h - 0.5)[:, None] & (rx >= -0.5)[None, :] & (rx <= w - 0.5)[None, :]
     y0 = np.clip(np.floor(ry).astype(int), 0, h - 1)
     x0 = np.clip(np.floor(rx).astype(int), 0, w - 1)
