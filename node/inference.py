@@ -46,6 +46,7 @@ class KeySlice:
     probability: float  # stage-2 per-slice probability
     peak_row: float  # CAM peak on the original image (pixel units, continuous)
     peak_column: float
+    frame_number: int | None = None  # 1-based frame of a multi-frame source instance; None for single-frame
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StudyResult:
             "decision": "PE suspected" if self.positive else "PE not suspected", "positive": self.positive,
             "threshold": self.threshold, "operating_point": self.operating_point,
             "key_slices": [{"index": k.index, "sop_instance_uid": k.sop_instance_uid,
+                            **({"frame_number": k.frame_number} if k.frame_number else {}),
                             "probability": round(k.probability, 6),
                             "peak_row_column": [round(k.peak_row, 1), round(k.peak_column, 1)]}
                            for k in self.key_slices],
@@ -219,7 +221,8 @@ class Engine:
             r, c = np.unravel_index(int(np.argmax(cams[j])), cams[j].shape)
             row, col = input_to_pixel(np.array([(r + 0.5) * stride, (c + 0.5) * stride]), index.shape,
                                       index.pixel_spacing_mm, self.spec)
-            keys.append(KeySlice(i, index.sop_instance_uids[i], float(slab_probs[j]), float(row), float(col)))
+            keys.append(KeySlice(i, index.sop_instance_uids[i], float(slab_probs[j]), float(row), float(col),
+                                 index.frame_numbers[i]))
         per_slice = np.repeat(np.arange(m_slabs), k)[:n]
         return StudyResult(
             index.study_instance_uid, index.series_instance_uid, probability, probability >= op.threshold,

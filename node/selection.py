@@ -1,8 +1,9 @@
 """Which series of a study is the CT pulmonary angiogram (the first rule; the node extends it).
 
 A study forwarded by a scanner usually holds a localizer, the CTPA, and often lung-kernel or thick
-reformats and a non-contrast series. A candidate must be CT, not a localizer, axial, single-frame and at
-least ``MIN_SLICES`` long. Candidates are ranked by:
+reformats and a non-contrast series. A candidate must be CT, not a localizer, axial and at least
+``MIN_SLICES`` slices long; a slice is a single-frame CT image or a frame of an Enhanced CT or Legacy
+Converted Enhanced CT instance (other multi-frame objects are not analysed). Candidates are ranked by:
 
 1. contrast: ``ContrastBolusAgent`` present, or a description that says angio/CTPA/PE;
 2. a soft-tissue kernel (not ``LUNG``/``BONE``-like): the model was trained on soft-tissue images;
@@ -25,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.config import SeriesSettings
+from node.frames import frame_count, frames, is_multi_frame_ct
 from node.series import SeriesError
 
 MIN_SLICES = 16
@@ -81,17 +83,17 @@ def _why_not(ds: pydicom.Dataset, n: int, rules: SeriesRules) -> str | None:
     if rules.require_original_primary and image_type[:2] != ["ORIGINAL", "PRIMARY"]:
         joined = "\\".join(image_type[:2]) or "missing"
         return f"ImageType {joined} (not ORIGINAL\\PRIMARY)"
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame"
-    try:
-        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-    except (AttributeError, ValueError, TypeError):
+    if frame_count(ds) > 1 and not is_multi_frame_ct(ds):
+        return f"multi-frame {getattr(ds.get('SOPClassUID'), 'name', 'object')} (not Enhanced CT)"
+    frame = frames(ds)[0]
+    iop = frame.orientation
+    if iop is None or len(iop) != 6:
         return "no ImageOrientationPatient"
     if abs(np.cross(iop[:3], iop[3:])[2]) < 0.9:
         return "not axial"
     if n < rules.min_slices:
         return f"{n} slices (fewer than {rules.min_slices})"
-    thickness = float(getattr(ds, "SliceThickness", 0) or 0)
+    thickness = frame.slice_thickness_mm or 0.0
     if thickness > rules.max_slice_thickness_mm:
         return f"{thickness:g} mm slices (thicker than {rules.max_slice_thickness_mm:g} mm)"
     return None
@@ -101,7 +103,7 @@ def _rank(ds: pydicom.Dataset, n: int) -> tuple:
     description = str(getattr(ds, "SeriesDescription", ""))
     contrast = bool(str(getattr(ds, "ContrastBolusAgent", "")).strip()) or bool(ANGIO.search(description))
     soft = not SHARP_KERNEL.search(str(getattr(ds, "ConvolutionKernel", "")))
-    thickness = float(getattr(ds, "SliceThickness", 0) or 0) or 99.0
+    thickness = frames(ds)[0].slice_thickness_mm or 99.0
     return (contrast, soft, -thickness, n)
 
 
@@ -116,11 +118,12 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
         raise SeriesError(f"files from {len(studies)} studies; give one study")
     rejected, ranked = {}, []
     for uid, files in groups.items():
-        why = _why_not(first[uid], len(files), rules)
+        n = sum(frame_count(ds) if is_multi_frame_ct(ds) else 1 for _, ds in files)
+        why = _why_not(first[uid], n, rules)
         if why:
             rejected[uid] = why
         else:
-            ranked.append((_rank(first[uid], len(files)), uid))
+            ranked.append((_rank(first[uid], n), uid))
     if not ranked:
         raise SeriesError("no series qualifies as a CTPA: " + "; ".join(
             f"{getattr(first[u], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
@@ -129,7 +132,8 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
     for _, uid in ranked[1:]:
         rejected[uid] = "ranked lower (contrast, soft-tissue kernel, thinner slices, more slices)"
     ds = first[best]
-    reason = (f"{n} axial CT slices, {-neg_thickness:g} mm, "
+    kind = f"frames of {ds.SOPClassUID.name}" if is_multi_frame_ct(ds) else "CT slices"
+    reason = (f"{n} axial {kind}, {-neg_thickness:g} mm, "
               f"{'contrast-enhanced' if contrast else 'no contrast information'}, "
               f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}")
     members = sorted(groups[best], key=lambda item: item[0])

@@ -1,5 +1,8 @@
 """A CT series as a volume: slices sorted along the slice normal (never by InstanceNumber), in HU.
 
+A slice is one single-frame CT image or one frame of an Enhanced CT (or Legacy Converted Enhanced CT)
+instance: ``node.frames`` reads each frame's geometry and rescale from wherever the object keeps it.
+
 ``index_series`` reads headers only and sorts them; ``iter_hu`` then decodes the pixels in batches
 in that order, so a 600-slice study never has to sit in memory as float32 at once.
 ``read_volume`` does both in one go for callers that want the whole volume.
@@ -14,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 
 from node.errors import NodeError
+from node.frames import frames
 
 
 class SeriesError(NodeError):
@@ -24,10 +29,13 @@ class SeriesError(NodeError):
 
 @dataclass(frozen=True)
 class SeriesIndex:
-    """The files of one series sorted head first, from their headers alone."""
+    """The slices of one series sorted head first, from their headers alone."""
 
-    paths: tuple[Path, ...]
+    paths: tuple[Path, ...]  # the file of each slice (a multi-frame file appears once per frame)
     sop_instance_uids: tuple[str, ...]
+    frame_numbers: tuple[int | None, ...]  # 1-based frame in a multi-frame instance, None for single-frame
+    slopes: np.ndarray  # RescaleSlope of each slice
+    intercepts: np.ndarray  # RescaleIntercept of each slice
     positions_mm: np.ndarray  # position of each slice along the normal (descending: head first)
     pixel_spacing_mm: tuple[float, float]
     shape: tuple[int, int]
@@ -45,15 +53,12 @@ class Volume:
 
     hu: np.ndarray  # (slices, rows, columns) float32
     sop_instance_uids: tuple[str, ...]
+    frame_numbers: tuple[int | None, ...]
     positions_mm: np.ndarray  # position of each slice along the normal
     pixel_spacing_mm: tuple[float, float]
     study_instance_uid: str
     series_instance_uid: str
     patient_id: str
-
-
-def _f(values) -> np.ndarray:
-    return np.array([float(v) for v in values], dtype=float)
 
 
 def _header(path: Path) -> pydicom.Dataset:
@@ -64,40 +69,46 @@ def _header(path: Path) -> pydicom.Dataset:
 
 
 def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | None = None) -> SeriesIndex:
-    """Sort a single-frame CT series along the slice normal, reading headers only.
+    """Sort the slices of one CT series along the slice normal, reading headers only.
 
     The order is head first: the slice whose position projects furthest towards the patient's head
-    (+z) comes first, whatever the files' order, names or InstanceNumbers. ``headers`` (the files'
-    datasets, read without pixels, in the same order) spare a second read when a caller has them.
+    (+z) comes first, whatever the files' order, names, InstanceNumbers or frame order. ``headers``
+    (the files' datasets, read without pixels, in the same order) spare a second read when a caller has them.
     """
     if not paths:
         raise SeriesError("no files")
     if headers is None or len(headers) != len(paths):
         headers = [_header(Path(p)) for p in paths]
-    first = headers[0]
+    slices = [(Path(p), ds, f) for p, ds in zip(paths, headers, strict=True) for f in frames(ds)]
+    _, first, frame0 = slices[0]
     try:
-        iop = _f(first.ImageOrientationPatient)
         shape = (int(first.Rows), int(first.Columns))
-        row_mm, col_mm = (float(v) for v in first.PixelSpacing)
     except AttributeError as exc:
         raise SeriesError(f"a required attribute is missing: {exc}") from exc
+    if frame0.orientation is None or len(frame0.orientation) != 6:
+        raise SeriesError("ImageOrientationPatient is missing")
+    if frame0.pixel_spacing_mm is None:
+        raise SeriesError("PixelSpacing is missing")
+    iop = frame0.orientation
     normal = np.cross(iop[:3], iop[3:])
     if np.linalg.norm(normal) < 0.5:
         raise SeriesError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
     if normal[2] < 0:  # point the normal at the head, so head-first is descending position
         normal = -normal
-    for ds in headers:
+    for _, ds, f in slices:
         if ds.StudyInstanceUID != first.StudyInstanceUID or ds.SeriesInstanceUID != first.SeriesInstanceUID:
             raise SeriesError("files from more than one series")
-        if (ds.Rows, ds.Columns) != shape or not np.allclose(_f(ds.ImageOrientationPatient), iop, atol=1e-3):
+        if (ds.Rows, ds.Columns) != shape or f.orientation is None or not np.allclose(f.orientation, iop, atol=1e-3):
             raise SeriesError("slices differ in size or orientation")
-        if "ImagePositionPatient" not in ds:
-            raise SeriesError("ImagePositionPatient is missing")
-    pos = np.array([float(np.dot(normal, _f(ds.ImagePositionPatient))) for ds in headers])
+        if f.position is None or len(f.position) != 3:
+            raise SeriesError("ImagePositionPatient is missing" + (f" in frame {f.number}" if f.number else ""))
+    pos = np.array([float(np.dot(normal, f.position)) for _, _, f in slices])
     order = np.argsort(-pos, kind="stable")
-    return SeriesIndex(tuple(Path(paths[k]) for k in order), tuple(str(headers[k].SOPInstanceUID) for k in order),
-                       pos[order], (row_mm, col_mm), shape, str(first.StudyInstanceUID),
-                       str(first.SeriesInstanceUID), str(getattr(first, "PatientID", "")))
+    pick = [slices[k] for k in order]
+    return SeriesIndex(tuple(p for p, _, _ in pick), tuple(str(ds.SOPInstanceUID) for _, ds, _ in pick),
+                       tuple(f.number for _, _, f in pick), np.array([f.slope for _, _, f in pick]),
+                       np.array([f.intercept for _, _, f in pick]), pos[order], frame0.pixel_spacing_mm, shape,
+                       str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(getattr(first, "PatientID", "")))
 
 
 def check_spacing(index: SeriesIndex, max_gap_factor: float = 1.5) -> float:
@@ -115,30 +126,54 @@ def check_spacing(index: SeriesIndex, max_gap_factor: float = 1.5) -> float:
     return spacing
 
 
-def _hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def _pixels(path: Path, frame_number: int | None, shape: tuple[int, int]) -> np.ndarray:
+    """The stored values of one slice: a whole single-frame image, or one frame decoded on its own."""
+    where = f"{path.name}" + (f" frame {frame_number}" if frame_number else "")
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
+        if frame_number is None:
+            pixels = pydicom.dcmread(path).pixel_array
+        else:
+            pixels = pixel_array(path, index=frame_number - 1)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad slice, named
-        raise SeriesError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
+        raise SeriesError(f"{where}: pixel data cannot be decoded ({exc})") from exc
     if pixels.shape != shape:
-        raise SeriesError(f"{path.name}: pixel data is {pixels.shape}, header says {shape}")
-    slope, intercept = float(getattr(ds, "RescaleSlope", 1)), float(getattr(ds, "RescaleIntercept", 0))
-    return pixels.astype(np.float32) * slope + intercept
+        raise SeriesError(f"{where}: pixel data is {pixels.shape}, header says {shape}")
+    return pixels
+
+
+def slice_hu(index: SeriesIndex, i: int) -> np.ndarray:
+    """Slice ``i`` (head-first order) in HU, float32 (rows, columns)."""
+    pixels = _pixels(index.paths[i], index.frame_numbers[i], index.shape)
+    return pixels.astype(np.float32) * np.float32(index.slopes[i]) + np.float32(index.intercepts[i])
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """One analysed slice as the outputs need it: its instance's header, its frame and its HU pixels."""
+
+    dataset: pydicom.Dataset  # the instance's header (no pixel data needed)
+    frame_number: int | None  # 1-based frame of a multi-frame instance, None for single-frame
+    hu: np.ndarray  # (rows, columns) float32
+    pixel_spacing_mm: tuple[float, float]
+
+
+def source_slice(index: SeriesIndex, i: int, header: pydicom.Dataset | None = None) -> SourceSlice:
+    """Slice ``i`` of ``index`` with its header (read from its file unless given) and HU pixels."""
+    return SourceSlice(header if header is not None else _header(index.paths[i]), index.frame_numbers[i],
+                       slice_hu(index, i), index.pixel_spacing_mm)
 
 
 def iter_hu(index: SeriesIndex, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first slice number, HU array (n, rows, columns)) in head-first order, ``batch`` at a time."""
     for lo in range(0, len(index), batch):
-        chunk = index.paths[lo:lo + batch]
-        yield lo, np.stack([_hu(p, index.shape) for p in chunk])
+        yield lo, np.stack([slice_hu(index, i) for i in range(lo, min(len(index), lo + batch))])
 
 
 def read_volume(paths: Sequence[Path]) -> Volume:
-    """Read a single-frame CT series, sorted head first along the slice normal, into one HU volume."""
+    """Read a CT series, sorted head first along the slice normal, into one HU volume."""
     index = index_series(paths)
     hu = np.empty((len(index), *index.shape), dtype=np.float32)
     for lo, chunk in iter_hu(index):
         hu[lo:lo + len(chunk)] = chunk
-    return Volume(hu, index.sop_instance_uids, index.positions_mm, index.pixel_spacing_mm,
+    return Volume(hu, index.sop_instance_uids, index.frame_numbers, index.positions_mm, index.pixel_spacing_mm,
                   index.study_instance_uid, index.series_instance_uid, index.patient_id)

@@ -19,14 +19,12 @@ from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 
-import pydicom
-
 from node.config import Destination
 from node.errors import NodeError
 from node.inference import Engine
 from node.scu import SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
-from node.series import SeriesError, check_spacing, index_series
+from node.series import SeriesError, SeriesIndex, check_spacing, index_series, source_slice
 from node.store import JobState, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -90,7 +88,7 @@ class Worker:
             state, result = JobState.DONE, json.dumps(summary)
             reason = f"{summary['decision']}, probability {summary['probability']:.3f}"
             if self.outbox_root is not None and self.destinations:
-                outbox = self._write_outputs(job_id, analysis, index.paths)
+                outbox = self._write_outputs(job_id, analysis, index)
                 self.store.set_outputs(job_id, self.owner, str(outbox), result, self.clock())
                 job = job | {"outbox": str(outbox), "result": result, "delivered": "[]", "send_attempts": 0}
                 return self._deliver(job)
@@ -109,8 +107,8 @@ class Worker:
         log.info("job %d (study ...%s): %s - %s", job_id, uid[-8:], state, reason)
         return {"id": job_id, "study_instance_uid": uid, "state": state, "reason": reason, "result": result}
 
-    def _write_outputs(self, job_id: int, analysis, sorted_paths: Sequence[Path]) -> Path:
-        """SR + SC into the outbox; ``sorted_paths`` are the analysed series' files in the index's order."""
+    def _write_outputs(self, job_id: int, analysis, index: SeriesIndex) -> Path:
+        """SR + SC into the outbox; ``index`` is the analysed series."""
         from node.outputs.sc import make_sc_series
         from node.outputs.sr import make_sr
         from node.spool import write_atomic
@@ -118,8 +116,8 @@ class Worker:
         assert self.outbox_root is not None
         manifest = self.engine.bundle.manifest
         sha = self.engine.stage1_file.sha256
-        sources = [pydicom.dcmread(sorted_paths[k.index]) for k in analysis.key_slices]
-        objects = [make_sr(analysis, sources, model_sha256=sha),
+        sources = [source_slice(index, k.index) for k in analysis.key_slices]
+        objects = [make_sr(analysis, [s.dataset for s in sources], model_sha256=sha),
                    *make_sc_series(analysis, sources, model_sha256=sha, spec=manifest.spec(),
                                    cam_stride=manifest.cam_stride)]
         outbox = self.outbox_root / analysis.study_instance_uid / f"job-{job_id}"

@@ -43,6 +43,17 @@ def require_tool(name: str) -> str:
     return path
 
 
+def to_multi_frame(series_dir: Path, out: Path) -> Path:
+    """A series as one Legacy Converted Enhanced CT instance, made by PixelMed (a converter no one here wrote)."""
+    require_peer(PIXELMED_JAR.exists(), "PixelMed (pixelmed-apps)")
+    out.mkdir()
+    proc = subprocess.run([require_tool("java"), "-cp", str(PIXELMED_JAR), "com.pixelmed.dicom.MultiFrameImageFactory",
+                           str(series_dir), str(out)], capture_output=True, text=True, timeout=300)
+    made = list(out.iterdir())
+    assert proc.returncode == 0 and len(made) == 1, proc.stdout + proc.stderr
+    return made[0]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

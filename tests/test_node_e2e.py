@@ -9,7 +9,7 @@ import urllib.request
 
 import pydicom
 
-from conftest import free_port, require_tool
+from conftest import free_port, require_tool, to_multi_frame
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import PhantomOptions, generate_study, write_study
@@ -159,3 +159,45 @@ def test_a_node_restarted_mid_transfer_keeps_every_stored_instance_and_analyses_
     assert [j["state"] for j in jobs] == [JobState.DONE]
     assert json.loads(jobs[0]["result"])["slices"] == len(paths)
     assert pacs_store.study(uid)["instances"] == 5
+
+
+def test_an_enhanced_ct_from_a_modality_is_analysed_and_the_results_reference_its_frames(tmp_path):
+    pacs_cfg, pacs_store, pacs = _pacs(tmp_path)
+    cfg = _node_cfg(tmp_path, pacs_cfg.node.port)
+    study = generate_study(930004, pe=True, options=DATA)
+    paths = write_study(study, tmp_path / "in")
+    multi = to_multi_frame(paths["ctpa"][0].parent, tmp_path / "mf")
+    uid = study.identity.study_instance_uid
+    node = Node(cfg, sweep_seconds=0.2, stop_timeout=30)
+    try:
+        # -R: propose the files' own SOP classes (storescu's default list lacks the Enhanced CT ones)
+        subprocess.run([require_tool("storescu"), "-R", "-aec", cfg.node.ae_title, "127.0.0.1",
+                        str(cfg.node.port), str(multi), *map(str, paths["localizer"])],
+                       check=True, timeout=120, env={"TCP_NODELAY": "1"})
+        jobs = _wait(node, uid)
+    finally:
+        node.stop()
+        pacs.shutdown()
+    assert [j["state"] for j in jobs] == [JobState.DONE], jobs
+    result = json.loads(jobs[0]["result"])
+    assert result["slices"] == DATA.slices and "frames of Legacy Converted Enhanced CT" in result["series"]["reason"]
+    assert all(k["frame_number"] >= 1 for k in result["key_slices"])
+    received = [pydicom.dcmread(p) for p in (tmp_path / "pacs" / "spool").rglob("*.dcm")]
+    sr = next(ds for ds in received if ds.Modality == "SR")
+    assert not dciodvfy(next(p for p in (tmp_path / "pacs" / "spool").rglob("*.dcm")
+                             if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")).errors
+    frames = sorted(int(item.ReferencedSOPSequence[0].ReferencedFrameNumber)
+                    for item in _image_references(sr))
+    assert frames == sorted(k["frame_number"] for k in result["key_slices"])
+    key_images = [ds for ds in received if ds.Modality == "OT" and "SourceImageSequence" in ds]
+    assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in key_images) == frames
+
+
+def _image_references(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every IMAGE content item of an SR (depth first)."""
+    found = []
+    for item in sr.get("ContentSequence", []):
+        if item.get("ValueType") == "IMAGE":
+            found.append(item)
+        found.extend(_image_references(item))
+    return found

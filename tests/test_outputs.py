@@ -11,13 +11,14 @@ import pydicom
 import pytest
 from PIL import Image
 
-from conftest import PIXELMED_JAR, require_peer, require_tool
+from conftest import PIXELMED_JAR, require_peer, require_tool, to_multi_frame
 from node.bundle import load_bundle
 from node.inference import Engine, StudyResult
 from node.outputs.sc import make_sc_series
 from node.outputs.sr import PE_PROBABILITY, make_sr
 from node.phantom import PhantomOptions, generate_study, write_study
-from node.series import index_series
+from node.selection import choose_ctpa
+from node.series import index_series, source_slice
 from node.validation import dciodvfy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,8 @@ def test_outputs_have_deterministic_uids_so_a_resend_is_a_duplicate(analysed):
 
 def test_the_secondary_capture_series_shows_key_slices_and_a_summary_and_validates(analysed, tmp_path):
     result, by_sop = analysed[True]
-    sources = [pydicom.dcmread(by_sop[k.sop_instance_uid]) for k in result.key_slices]
+    index = index_series(list(by_sop.values()))
+    sources = [source_slice(index, k.index) for k in result.key_slices]
     manifest = load_bundle(DEMO).manifest
     images = make_sc_series(result, sources, model_sha256=_sha(), spec=manifest.spec(), cam_stride=manifest.cam_stride)
     for i, ds in enumerate(images):
@@ -110,7 +112,7 @@ def test_the_secondary_capture_series_shows_key_slices_and_a_summary_and_validat
         ds.save_as(path)
         assert not dciodvfy(path).errors, dciodvfy(path).errors
         back = pydicom.dcmread(path)
-        assert back.StudyInstanceUID == result.study_instance_uid and back.PatientID == sources[0].PatientID
+        assert back.StudyInstanceUID == result.study_instance_uid and back.PatientID == sources[0].dataset.PatientID
         assert back.SamplesPerPixel == 3 and back.pixel_array.shape[-1] == 3
         assert "not for diagnostic use" in back.DerivationDescription
     overlay = images[0].pixel_array.astype(int)
@@ -123,3 +125,45 @@ def _write(ds: pydicom.Dataset) -> bytes:
     buffer = pydicom.filebase.DicomBytesIO()
     ds.save_as(buffer)
     return buffer.getvalue()
+
+
+def test_an_enhanced_ct_study_is_analysed_frame_by_frame_and_its_outputs_reference_frames(analysed, tmp_path):
+    result, by_sop = analysed[True]
+    multi = to_multi_frame(next(iter(by_sop.values())).parent, tmp_path / "mf")
+    header = pydicom.dcmread(multi, stop_before_pixels=True)
+    assert header.SOPClassUID.name == "Legacy Converted Enhanced CT Image Storage"
+    assert int(header.NumberOfFrames) == len(by_sop)
+    choice = choose_ctpa([multi])
+    assert "frames of Legacy Converted Enhanced CT" in choice.reason
+    index = index_series(choice.paths, choice.headers)
+    assert len(index) == len(by_sop) and set(index.frame_numbers) == set(range(1, len(by_sop) + 1))
+    single = index_series(list(by_sop.values()))
+    assert np.allclose(index.positions_mm, single.positions_mm)  # the same head-first order, whatever the frame order
+    enhanced = Engine(DEMO, device="cpu").analyze(index)
+    assert enhanced.probability == pytest.approx(result.probability, abs=1e-5)
+    assert [k.index for k in enhanced.key_slices] == [k.index for k in result.key_slices]
+    assert all(k.sop_instance_uid == str(header.SOPInstanceUID) and k.frame_number for k in enhanced.key_slices)
+
+    sr_path = tmp_path / "sr.dcm"
+    make_sr(enhanced, [header] * len(enhanced.key_slices), model_sha256=_sha()).save_as(sr_path)
+    assert not dciodvfy(sr_path).errors, dciodvfy(sr_path).errors
+    report = _pixelmed(sr_path)
+    assert "Root Template Validation Complete" in report and "Error" not in report, report
+    sr = hd.sr.srread(sr_path)
+    frames = [g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber
+              for g in sr.content.get_planar_roi_measurement_groups()]
+    assert [int(f) for f in frames] == [k.frame_number for k in enhanced.key_slices]
+    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence) == 1
+
+    manifest = load_bundle(DEMO).manifest
+    sources = [source_slice(index, k.index, header) for k in enhanced.key_slices]
+    images = make_sc_series(enhanced, sources, model_sha256=_sha(), spec=manifest.spec(),
+                            cam_stride=manifest.cam_stride)
+    for i, ds in enumerate(images):
+        path = tmp_path / f"sc{i}.dcm"
+        ds.save_as(path)
+        assert not dciodvfy(path).errors, dciodvfy(path).errors
+    assert images[0].SourceImageSequence[0].ReferencedFrameNumber == enhanced.key_slices[0].frame_number
+    single_sc = make_sc_series(result, [source_slice(single, k.index) for k in result.key_slices], model_sha256=_sha(),
+                               spec=manifest.spec(), cam_stride=manifest.cam_stride)
+    assert np.array_equal(images[0].pixel_array, single_sc[0].pixel_array)  # the same picture from either form

@@ -74,7 +74,9 @@ def analyze_cmd(
         out.print(f"  not used: {uid[-24:]}: {why}", highlight=False)
     out.print("key slices (head first index, slice probability, attention peak row/column):")
     for k in result.key_slices:
-        out.print(f"  #{k.index}: {k.probability:.3f} at ({k.peak_row:.0f}, {k.peak_column:.0f})  {k.sop_instance_uid}",
+        frame = f" frame {k.frame_number}" if k.frame_number else ""
+        out.print(f"  #{k.index}: {k.probability:.3f} at ({k.peak_row:.0f}, {k.peak_column:.0f})  "
+                  f"{k.sop_instance_uid}{frame}",
                   highlight=False)
     out.print(f"model {m['name']} {m['version']} (stage 1 {m['stage1_precision']}, {', '.join(m['providers'])}) in "
               f"{result.seconds:.1f} s" + (" - [bold]synthetic training data, not for clinical use[/bold]"

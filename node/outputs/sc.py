@@ -5,7 +5,8 @@ of its slab blended on in red-to-yellow where it lies within 3 logits of its pea
 more opaque), and a green cross at the attention peak; burned-in text gives the probability, the
 model and the notice. The last image is a summary: finding, probability, threshold, model name and
 version, key slices. Patient and study attributes come from the source (highdicom
-``SCImage.from_ref_dataset``); each key image references its source slice in SourceImageSequence.
+``SCImage.from_ref_dataset``); each key image references its source slice in SourceImageSequence
+(with ReferencedFrameNumber when the source is a frame of an Enhanced CT instance).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from node.inference import StudyResult
 from node.outputs import OutputError
 from node.outputs.uids import output_uid
 from node.preprocess import PreprocessSpec, input_to_pixel
+from node.series import SourceSlice
 
 SERIES_NUMBER = 9901
 NOTICE = "AI triage aid - not for diagnostic use"
@@ -52,9 +54,7 @@ def cam_on_pixels(cam: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float
     return np.where(inside, out, np.nan)
 
 
-def _overlay(ds: pydicom.Dataset, cam: np.ndarray, peak: tuple[float, float], lines: list[str]) -> np.ndarray:
-    hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0))
+def _overlay(hu: np.ndarray, cam: np.ndarray, peak: tuple[float, float], lines: list[str]) -> np.ndarray:
     lo = WINDOW[0] - WINDOW[1] / 2
     grey = np.clip((hu - lo) / WINDOW[1], 0, 1) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=-1)
@@ -88,11 +88,11 @@ def _summary(shape: tuple[int, int], lines: list[str]) -> np.ndarray:
     return np.asarray(img)
 
 
-def make_sc_series(result: StudyResult, sources: Sequence[pydicom.Dataset], *, model_sha256: str,
+def make_sc_series(result: StudyResult, sources: Sequence[SourceSlice], *, model_sha256: str,
                    spec: PreprocessSpec, cam_stride: int, manufacturer: str = "petriage") -> list[hd.sc.SCImage]:
-    """Key-slice overlays (one per key slice, ``sources`` with pixels in the same order) and a summary."""
+    """Key-slice overlays (one per key slice, ``sources`` in the same order) and a summary."""
     if len(sources) != len(result.key_slices) or not sources:
-        raise OutputError("one source dataset (with pixel data) per key slice is needed")
+        raise OutputError("one source slice per key slice is needed")
     uid = result.study_instance_uid
     series = output_uid(uid, model_sha256, "sc-series")
     model = result.model
@@ -100,28 +100,29 @@ def make_sc_series(result: StudyResult, sources: Sequence[pydicom.Dataset], *, m
     head = f"{decision}: p = {result.probability:.3f} (threshold {result.threshold:.3f})"
     tail = f"{model.get('name')} {model.get('version')} - {NOTICE}"
     images = []
-    for k, (key, ds) in enumerate(zip(result.key_slices, sources, strict=True), 1):
-        if str(ds.SOPInstanceUID) != key.sop_instance_uid:
-            raise OutputError(f"key slice {k}: dataset {ds.SOPInstanceUID} is not {key.sop_instance_uid}")
-        pixel_mm = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
-        cam = cam_on_pixels(result.cams[key.index], (int(ds.Rows), int(ds.Columns)), pixel_mm, spec, cam_stride)
-        rgb = _overlay(ds, cam, (key.peak_row, key.peak_column),
+    for k, (key, source) in enumerate(zip(result.key_slices, sources, strict=True), 1):
+        ds = source.dataset
+        if (str(ds.SOPInstanceUID), source.frame_number) != (key.sop_instance_uid, key.frame_number):
+            raise OutputError(f"key slice {k}: source {ds.SOPInstanceUID} frame {source.frame_number} is not "
+                              f"{key.sop_instance_uid} frame {key.frame_number}")
+        cam = cam_on_pixels(result.cams[key.index], source.hu.shape, source.pixel_spacing_mm, spec, cam_stride)
+        rgb = _overlay(source.hu, cam, (key.peak_row, key.peak_column),
                        [head, f"key slice {k}: slice p = {key.probability:.3f}", tail])
         images.append(_sc(ds, rgb, series, output_uid(uid, model_sha256, "sc", k), k, manufacturer,
-                          f"Key slice {k} with attention overlay - {NOTICE}"))
+                          f"Key slice {k} with attention overlay - {NOTICE}", frame_number=source.frame_number))
     lines = [decision, f"probability {result.probability:.3f}", f"threshold {result.threshold:.3f} "
              f"({result.operating_point})", f"model {model.get('name')} {model.get('version')}",
              "key slices: " + ", ".join(f"#{k.index} (p {k.probability:.2f})" for k in result.key_slices),
              *(["synthetic training data - not for clinical use"] if model.get("synthetic_training_data") else []),
              NOTICE]
-    summary = _summary((int(sources[0].Rows), int(sources[0].Columns)), lines)
-    images.append(_sc(sources[0], summary, series, output_uid(uid, model_sha256, "sc", 0), len(sources) + 1,
+    summary = _summary(sources[0].hu.shape, lines)
+    images.append(_sc(sources[0].dataset, summary, series, output_uid(uid, model_sha256, "sc", 0), len(sources) + 1,
                       manufacturer, f"Summary of the PE triage result - {NOTICE}", reference=False))
     return images
 
 
 def _sc(source: pydicom.Dataset, rgb: np.ndarray, series: str, sop: str, number: int, manufacturer: str,
-        description: str, reference: bool = True) -> hd.sc.SCImage:
+        description: str, reference: bool = True, frame_number: int | None = None) -> hd.sc.SCImage:
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series, series_number=SERIES_NUMBER,
@@ -135,5 +136,7 @@ def _sc(source: pydicom.Dataset, rgb: np.ndarray, series: str, sop: str, number:
         item = pydicom.Dataset()
         item.ReferencedSOPClassUID = source.SOPClassUID
         item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if frame_number is not None:
+            item.ReferencedFrameNumber = frame_number
         image.SourceImageSequence = [item]
     return image

@@ -9,7 +9,7 @@ Content:
   "pulmonary embolism: present | absent" at the operating point, and the study probability as a
   measurement (private code in the declared coding scheme 99PETRIAGE, unit UCUM "1");
 - one planar group (TID 1410) per key slice: a POINT image region at the attention peak on the source
-  CT image, with that slice's probability.
+  CT image (and its frame, for an Enhanced CT source), with that slice's probability.
 
 The report is never marked verified or complete: it is an AI triage aid, not a diagnosis.
 """
@@ -47,7 +47,7 @@ def _scheme() -> pydicom.Dataset:
 
 def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, model_sha256: str,
             manufacturer: str = "petriage") -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report for ``result``; ``key_datasets`` are the headers of its key slices (same order)."""
+    """The TID 1500 report for ``result``; ``key_datasets``: the header of each key slice's instance (same order)."""
     if len(key_datasets) != len(result.key_slices):
         raise OutputError("one source dataset per key slice is needed")
     if not key_datasets:
@@ -77,7 +77,8 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POINT,
             graphic_data=np.array([[key.peak_column, key.peak_row]], dtype=float),  # (column, row), continuous
-            source_image=hd.sr.SourceImageForRegion.from_source_image(ds))
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                ds, referenced_frame_numbers=[key.frame_number] if key.frame_number else None))
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=output_uid(result.study_instance_uid, model_sha256, "tracking", k),
@@ -88,8 +89,8 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(key_datasets), content=report, series_instance_uid=output_uid(
-            result.study_instance_uid, model_sha256, "sr-series"),
+        evidence=list({str(ds.SOPInstanceUID): ds for ds in key_datasets}.values()),  # an instance once
+        content=report, series_instance_uid=output_uid(result.study_instance_uid, model_sha256, "sr-series"),
         series_number=SERIES_NUMBER, sop_instance_uid=output_uid(result.study_instance_uid, model_sha256, "sr"),
         instance_number=1, manufacturer=manufacturer, is_complete=False, is_final=False, is_verified=False,
         institution_name=None)
