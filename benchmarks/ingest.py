@@ -91,6 +91,7 @@ def main() -> int:
         node_cfg = load_config(None, environ={}, overrides=[
             f"storage.root={tmp / 'node2'}", "node.host=127.0.0.1", f"node.port={free_port()}",
             f"study.quiet_seconds={quiet}", f"model.bundle={Path(args.bundle).resolve()}", "model.device=cpu",
+            "metrics.port=0",
             f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs_port}}}]"])
         node = Node(node_cfg, sweep_seconds=0.25, stop_timeout=60)
         try:

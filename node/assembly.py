@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.config import StudySettings
+from node.config import StudySettings, TriageSettings
 from node.store import Store, utcnow
+from node.triage import priority
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +24,19 @@ log = logging.getLogger(__name__)
 class Assembler:
     """Marks quiet studies complete and queues them for analysis."""
 
-    def __init__(self, store: Store, settings: StudySettings, clock: Callable[[], dt.datetime] = utcnow):
+    def __init__(self, store: Store, settings: StudySettings, clock: Callable[[], dt.datetime] = utcnow,
+                 triage: TriageSettings | None = None, on_complete: Callable[[int], None] | None = None):
         self.store, self.settings, self.clock = store, settings, clock
+        self.triage, self.on_complete = triage or TriageSettings(), on_complete
 
     def sweep(self) -> list[str]:
-        done = self.store.complete_quiet_studies(self.clock(), self.settings.quiet_seconds,
-                                                 self.settings.max_wait_seconds)
+        done = self.store.complete_quiet_studies(
+            self.clock(), self.settings.quiet_seconds, self.settings.max_wait_seconds,
+            priority_of=lambda urgent: priority(self.triage, positive=None, urgent=urgent))
         for uid in done:
             log.info("study ...%s complete, queued for analysis", uid[-8:])
+        if done and self.on_complete is not None:
+            self.on_complete(len(done))
         return done
 
 

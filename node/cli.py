@@ -15,6 +15,7 @@ from node.cli_runner import run_app
 from node.commands.analyze import analyze_cmd
 from node.commands.demo import demo_cmd
 from node.commands.phantom import phantom_cmd
+from node.commands.queue import echo_cmd, queue_app, send_cmd, status_cmd, worklist_cmd
 from node.commands.serve import serve_cmd
 from node.config import Config, load_config
 from node.errors import NodeError
@@ -79,6 +80,11 @@ app.command("phantom")(phantom_cmd)
 app.command("demo")(demo_cmd)
 app.command("analyze")(analyze_cmd)
 app.command("serve")(serve_cmd)
+app.add_typer(queue_app, name="queue")
+app.command("worklist")(worklist_cmd)
+app.command("status")(status_cmd)
+app.command("echo")(echo_cmd)
+app.command("send")(send_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,6 +45,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TLSSettings(_Section):
+    """DICOM TLS for the listener: our certificate and key; ``ca`` set = callers need a certificate it signed."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
 class NodeSettings(_Section):
     """The DICOM listener."""
 
@@ -51,6 +60,8 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for modalities on the network
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    allowed_source_ips: list[IPv4Network | IPv6Network] = Field(default_factory=list)  # addresses or CIDR
+    tls: TLSSettings | None = None
     max_associations: Annotated[int, Field(ge=1, le=256)] = 10
     max_pdu_size: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # bytes we accept per PDU; 0 = no limit
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
@@ -62,6 +73,7 @@ class StorageSettings(_Section):
     """Where the node keeps its spool, database, outbox and logs."""
 
     root: Path = Path("./var")
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024  # below this much free space C-STORE answers out-of-resources
 
 
 class StudySettings(_Section):
@@ -98,16 +110,66 @@ class ModelSettings(_Section):
 
 
 class Destination(_Section):
-    """A DICOM peer that receives the results (usually the PACS)."""
+    """A DICOM peer that receives the results (usually the PACS); ``tls_ca`` set = send over DICOM TLS."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1)]
     port: Port
+    tls_ca: Path | None = None  # CA that signed the destination's certificate
+    tls_cert: Path | None = None  # our client certificate and key, when the destination asks for one
+    tls_key: Path | None = None
+
+
+class TriageSettings(_Section):
+    """Worklist priority (node/triage.py): higher is read first; the worker's queue follows it too."""
+
+    positive: int = 1000
+    pending: int = 500
+    negative: int = 0
+    probability_weight: Annotated[float, Field(ge=0)] = 100.0
+    urgent_bonus: int = 200
+    urgent_values: list[str] = Field(default_factory=lambda: ["STAT", "HIGH", "URGENT", "ASAP"])
+
+
+class HL7Settings(_Section):
+    """An HL7 v2.5.1 ORU^R01 result message over MLLP to a RIS."""
+
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+    sending_application: str = "PETRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+
+
+class WebhookSettings(_Section):
+    """A JSON POST to a chat or paging system (no patient names, IDs or birth dates in it)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+
+
+class NotifySettings(_Section):
+    """Who hears of a result beyond the PACS; ``results``: positive ones only, or all."""
+
+    results: Literal["positive", "all"] = "positive"
+    hl7: HL7Settings | None = None
+    webhook: WebhookSettings | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 12
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (http://host:port/metrics); port 0 switches it off."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one object per line for a log collector
 
 
 def _default_destinations() -> list[Destination]:
@@ -123,6 +185,9 @@ class Config(_Section):
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=_default_destinations)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -205,11 +270,26 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+PATH_KEYS = ("storage.root", "model.bundle", "node.tls.cert", "node.tls.key", "node.tls.ca")
+DESTINATION_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+
+
+def _resolve(mapping: Any, key: str, base: Path) -> None:
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        mapping[key] = str((base / value).resolve())
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for section, key in (("storage", "root"), ("model", "bundle")):
-        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[section][key] = str((base / value).resolve())
+    for dotted in PATH_KEYS:
+        *parents, key = dotted.split(".")
+        mapping: Any = data
+        for parent in parents:
+            mapping = mapping.get(parent) if isinstance(mapping, dict) else None
+        _resolve(mapping, key, base)
+    for dest in data.get("destinations") or []:
+        for key in DESTINATION_PATH_KEYS:
+            _resolve(dest, key, base)
 
 
 def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None,

@@ -8,7 +8,11 @@ ignored, so a PACS's auto-forward never sees an error. Statuses are named, never
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import shutil
+import ssl
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -32,8 +36,10 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Config
+from node.errors import NodeError
 from node.spool import SpoolError, check_uid, instance_path, write_atomic
 from node.store import Received, Store, StoreError
+from node.triage import URGENCY_KEYWORDS, is_urgent, urgency_values
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (the sender may retry)
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
+STATUS_NAMES = {SUCCESS: "success", OUT_OF_RESOURCES: "out_of_resources",
+                DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "does_not_match_sop_class", CANNOT_UNDERSTAND: "cannot_understand"}
 
 #: Explicit VR Little Endian first: pynetdicom's default order puts Implicit VR first, which makes a
 #: sender convert every image instead of keeping the bytes the modality made.
@@ -50,23 +58,53 @@ TRANSFER_SYNTAXES = [
     ImplicitVRLittleEndian, ExplicitVRBigEndian,
 ]
 UID_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+URGENCY_TAGS = ["RequestAttributesSequence", *URGENCY_KEYWORDS]
+HIGH_PRIORITY = 1  # C-STORE request Priority HIGH (PS3.7 9.1.1.1.4)
 
 
 class StorageHandler:
-    """C-STORE: spool, record, then answer."""
+    """C-STORE: check space, spool, record, then answer."""
 
-    def __init__(self, store: Store, spool_root: Path, *, fsync: bool = True):
-        self.store, self.spool_root, self.fsync = store, Path(spool_root), fsync
+    def __init__(self, store: Store, spool_root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
+                 urgent_values: tuple[str, ...] = (), on_status: Callable[[str], None] | None = None):
+        self.store, self.spool_root, self.fsync, self.on_status = store, Path(spool_root), fsync, on_status
+        self.min_free_bytes, self.urgent_values = min_free_bytes, {v.upper() for v in urgent_values}
+
+    def _space_left(self, incoming: int) -> bool:
+        where = self.spool_root
+        while not where.exists() and where.parent != where:  # the spool is made with the first instance
+            where = where.parent
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            return False
+        return free - incoming >= self.min_free_bytes
 
     def __call__(self, event) -> int:
+        status = self._store(event)
+        if self.on_status is not None:
+            self.on_status(STATUS_NAMES.get(status, f"0x{status:04X}"))
+        return status
+
+    def _store(self, event) -> int:
         calling = event.assoc.requestor.ae_title.strip()
         try:
             data = event.encoded_dataset(include_meta=True)
-            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=UID_TAGS)
+        except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot even re-encode: refuse it, named
+            log.warning("C-STORE from %s refused: the data set cannot be read (%s)", calling, type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if not self._space_left(len(data)):
+            log.error("C-STORE from %s refused: less than %d MiB would be free on the storage file system",
+                      calling, self.min_free_bytes // 2**20)
+            return OUT_OF_RESOURCES
+        try:
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=UID_TAGS + URGENCY_TAGS)
             sop = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
             study = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        except (InvalidDicomError, SpoolError, ValueError, EOFError) as exc:
+            urgent = int(getattr(event.request, "Priority", 0) or 0) == HIGH_PRIORITY or is_urgent(
+                urgency_values(ds), self.urgent_values)
+        except (InvalidDicomError, SpoolError, ValueError, EOFError, TypeError, KeyError, AttributeError) as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
             return CANNOT_UNDERSTAND
         if sop != str(event.request.AffectedSOPInstanceUID):
@@ -81,7 +119,8 @@ class StorageHandler:
             return OUT_OF_RESOURCES
         try:
             self.store.record_instance(Received(sop, study, series, str(event.request.AffectedSOPClassUID),
-                                                str(event.context.transfer_syntax), path, len(data), calling))
+                                                str(event.context.transfer_syntax), path, len(data), calling,
+                                                urgent))
         except StoreError as exc:
             if not existed:
                 path.unlink(missing_ok=True)  # not recorded: keep nothing, the sender retries
@@ -108,10 +147,60 @@ def make_ae(config: Config) -> AE:
     return ae
 
 
-def start_scp(config: Config, store: Store, *, block: bool = False, fsync: bool = True):
-    """Start listening on ``node.host:node.port``; returns the server (call ``shutdown()`` to stop)."""
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2+), requiring client certificates when ``node.tls.ca`` is set."""
+    tls = config.node.tls
+    if tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=str(tls.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class SourceFilter:
+    """``verify_request`` for the server: a connection from outside ``node.allowed_source_ips`` is closed
+    before association negotiation, and the refusal is logged and recorded as an event."""
+
+    def __init__(self, networks, store: Store):
+        self.networks, self.store = list(networks), store
+
+    def __call__(self, request, client_address) -> bool:
+        if not self.networks:
+            return True
+        try:
+            address = ipaddress.ip_address(client_address[0])
+        except ValueError:
+            return False
+        if any(address in net for net in self.networks):
+            return True
+        log.warning("connection from %s refused: not in node.allowed_source_ips", address)
+        try:
+            self.store.record_event(None, "connection-refused", f"{address}: not in node.allowed_source_ips")
+        except StoreError:
+            pass
+        return False
+
+
+def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None):
+    """Start listening on ``node.host:node.port`` in a background thread; returns the server
+    (``shutdown()`` stops it)."""
     ae = make_ae(config)
-    handlers: list = [(evt.EVT_C_STORE, StorageHandler(store, Path(config.storage.root) / "spool", fsync=fsync)),
-                      (evt.EVT_C_ECHO, lambda event: SUCCESS)]
-    log.info("listening as %s on %s:%d", config.node.ae_title, config.node.host, config.node.port)
-    return ae.start_server((config.node.host, config.node.port), block=block, evt_handlers=handlers)
+    handler = StorageHandler(store, Path(config.storage.root) / "spool", fsync=fsync,
+                             min_free_bytes=config.storage.min_free_mb * 2**20,
+                             urgent_values=tuple(config.triage.urgent_values), on_status=on_status)
+    handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+    try:
+        tls = server_tls_context(config)
+    except (OSError, ssl.SSLError) as exc:
+        raise NodeError(f"node.tls: cannot load the certificate or key: {exc}") from exc
+    log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.host, config.node.port,
+             " (DICOM TLS)" if tls else "")
+    server = ae.start_server((config.node.host, config.node.port), block=False, ssl_context=tls,
+                             evt_handlers=handlers)
+    assert server is not None  # block=False always returns the server
+    server.verify_request = SourceFilter(config.node.allowed_source_ips, store)  # type: ignore[method-assign]
+    return server

@@ -10,10 +10,12 @@ before that is still reported in the error, so a retry sends only the rest.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -23,6 +25,8 @@ from node.errors import NodeError
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+#: C-STORE request priorities (PS3.7 9.1.1.1.4): HIGH for PE-suspected results.
+LOW, MEDIUM, HIGH = 2, 0, 1
 #: C-STORE warning statuses: the instance was stored (PS3.4 B.2.3).
 WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
             0xB007: "data set does not match SOP class"}
@@ -36,10 +40,52 @@ class SendError(NodeError):
         self.acknowledged = acknowledged
 
 
+def client_tls_context(destination: Destination) -> ssl.SSLContext:
+    """TLS to a destination: verify its certificate against ``tls_ca`` (and its host name); present
+    our certificate when ``tls_cert``/``tls_key`` are set."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls_ca))
+        if destination.tls_cert and destination.tls_key:
+            context.load_cert_chain(str(destination.tls_cert), str(destination.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise SendError(f"{destination.name}: TLS set-up failed: {exc}", []) from exc
+    return context
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: float = 10.0) -> float:
+    """C-ECHO a destination; returns the round trip in seconds, SendError if it does not answer success."""
+    import time
+
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
+    ae.add_requested_context(Verification)
+    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    start = time.perf_counter()
+    tls_args = (client_tls_context(destination), destination.host) if destination.tls_ca else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}", [])
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code != SUCCESS:
+        raise SendError(f"{where}: C-ECHO answered {'nothing' if code == -1 else f'0x{code:04X}'}", [])
+    return time.perf_counter() - start
+
+
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-               timeout_seconds: float = 30.0) -> list[str]:
+               timeout_seconds: float = 30.0, priority: int = MEDIUM) -> list[str]:
     """C-STORE ``paths`` to ``destination``; returns the acknowledged SOP Instance UIDs (all of them)."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+    datasets = []
+    for p in paths:
+        try:
+            datasets.append(pydicom.dcmread(p))
+        except (InvalidDicomError, OSError) as exc:
+            raise SendError(f"{Path(p).name}: not a readable DICOM file ({exc})", []) from exc
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
@@ -47,13 +93,14 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         syntaxes = sorted({ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian})
         ae.add_requested_context(sop_class, syntaxes)
     where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (client_tls_context(destination), destination.host) if destination.tls_ca else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}", [])
     acknowledged: list[str] = []
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(ds, priority=priority)
             code = int(getattr(status, "Status", -1)) if status else -1
             if code == SUCCESS or code in WARNINGS:
                 if code in WARNINGS:

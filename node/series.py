@@ -102,7 +102,7 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
             raise SeriesError("slices differ in size or orientation")
         if f.position is None or len(f.position) != 3:
             raise SeriesError("ImagePositionPatient is missing" + (f" in frame {f.number}" if f.number else ""))
-    pos = np.array([float(np.dot(normal, f.position)) for _, _, f in slices])
+    pos = np.array([float(np.dot(normal, np.asarray(f.position))) for _, _, f in slices])
     order = np.argsort(-pos, kind="stable")
     pick = [slices[k] for k in order]
     return SeriesIndex(tuple(p for p, _, _ in pick), tuple(str(ds.SOPInstanceUID) for _, ds, _ in pick),

@@ -1,19 +1,22 @@
-"""The node's store: SQLAlchemy Core tables for instances, studies and an append-only event log.
+"""The node's store: SQLAlchemy Core tables for instances, studies, jobs, notifications, heartbeats
+and an append-only event log (the audit trail).
 
 SQLite (WAL) by default, under ``<storage.root>/petriage.db``; no SQLite-only SQL, so the same code
-runs on PostgreSQL. Every change that belongs together happens in one transaction. Jobs, leases and
-the worklist come with the worker (issue 5, later steps).
+runs on PostgreSQL. Every change that belongs together happens in one transaction. The admin CLI
+(``node/admin.py``) works on the same tables while the node runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Engine,
@@ -79,6 +82,7 @@ studies = Table(
     Column("first_received_at", DateTime(timezone=True), nullable=False),
     Column("last_received_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
+    Column("urgent", Boolean, nullable=False, default=False),  # the source asked for priority
 )
 
 jobs = Table(
@@ -98,6 +102,30 @@ jobs = Table(
     Column("delivered", Text, nullable=False, default="[]"),  # JSON list of destinations that took everything
     Column("send_attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", DateTime(timezone=True)),
+)
+
+notifications = Table(
+    "notifications", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, nullable=False, index=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("channel", String(16), nullable=False),  # hl7 | webhook
+    Column("state", String(16), nullable=False, index=True),  # pending | sent | failed
+    Column("payload", Text, nullable=False),  # the message as it goes out (an HL7 message may hold patient data)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+heartbeats = Table(
+    "heartbeats", metadata,
+    Column("component", String(32), primary_key=True),  # listener | worker
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("detail", Text, nullable=False, default="{}"),  # JSON: port, model, providers ...
 )
 
 events = Table(
@@ -122,6 +150,7 @@ class Received:
     path: Path
     bytes: int
     calling_ae_title: str
+    urgent: bool = False
 
 
 def utcnow() -> dt.datetime:
@@ -184,11 +213,13 @@ class Store:
                 if study is None:
                     conn.execute(insert(studies).values(
                         study_instance_uid=item.study_instance_uid, state=StudyState.RECEIVING, instances=1,
-                        first_received_at=now, last_received_at=now))
+                        first_received_at=now, last_received_at=now, urgent=item.urgent))
                     conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
                                                        kind="study-started", detail=item.calling_ae_title))
                 else:
                     values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
+                    if item.urgent:
+                        values["urgent"] = True
                     if study.state != StudyState.RECEIVING:
                         values |= {"state": StudyState.RECEIVING, "completed_at": None}
                         conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
@@ -199,18 +230,21 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record instance of study ...{item.study_instance_uid[-8:]}: {exc}") from exc
 
-    def complete_quiet_studies(self, now: dt.datetime, quiet_seconds: float, max_wait_seconds: float) -> list[str]:
+    def complete_quiet_studies(self, now: dt.datetime, quiet_seconds: float, max_wait_seconds: float,
+                               priority_of: Callable[[bool], int] = lambda urgent: 0) -> list[str]:
         """Mark receiving studies complete (quiet long enough, or waiting too long) and queue a job for each.
 
         A study reopened by a late instance is queued again when it is quiet again: once, however many
-        late instances arrived. A study that already has a queued job gets no second one.
+        late instances arrived. A study that already has a queued job gets no second one. A new job's
+        priority is ``priority_of(urgent)`` (the pending triage priority).
         """
         quiet_before = now - dt.timedelta(seconds=quiet_seconds)
         started_before = now - dt.timedelta(seconds=max_wait_seconds)
         done: list[str] = []
         try:
             with self.engine.begin() as conn:
-                rows = conn.execute(select(studies.c.study_instance_uid, studies.c.last_received_at).where(
+                rows = conn.execute(select(studies.c.study_instance_uid, studies.c.last_received_at,
+                                           studies.c.urgent).where(
                     studies.c.state == StudyState.RECEIVING,
                     (studies.c.last_received_at <= quiet_before) | (studies.c.first_received_at <= started_before),
                 )).all()
@@ -228,7 +262,8 @@ class Store:
                                                                   jobs.c.state == JobState.QUEUED)).first()
                     if queued is None:
                         job = conn.execute(insert(jobs).values(study_instance_uid=uid, state=JobState.QUEUED,
-                                                               priority=0, attempts=0, created_at=now,
+                                                               priority=priority_of(bool(row.urgent)),
+                                                               attempts=0, created_at=now,
                                                                updated_at=now)).inserted_primary_key
                         conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="job-queued",
                                                            detail=f"job {job[0] if job else '?'}"))
@@ -278,14 +313,17 @@ class Store:
                                         updated_at=now)).rowcount == 1
 
     def finish_job(self, job_id: int, owner: str, state: JobState, reason: str, now: dt.datetime,
-                   result: str | None = None) -> bool:
+                   result: str | None = None, priority: int | None = None) -> bool:
         """Record a job's outcome, only if ``owner`` still holds it; False otherwise (nothing changed)."""
+        values: dict = {"state": state, "reason": reason, "result": result, "lease_expires_at": None,
+                        "updated_at": now}
+        if priority is not None:
+            values["priority"] = priority
         try:
             with self.engine.begin() as conn:
                 changed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
                                                           jobs.c.state == JobState.RUNNING)
-                                       .values(state=state, reason=reason, result=result, lease_expires_at=None,
-                                               updated_at=now)).rowcount
+                                       .values(**values)).rowcount
                 if changed == 1:
                     uid = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar_one()
                     conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind=f"job-{state}",
@@ -294,12 +332,30 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot finish job {job_id}: {exc}") from exc
 
-    def set_outputs(self, job_id: int, owner: str, outbox: str, result: str, now: dt.datetime) -> bool:
-        """Record that the job's result objects are in ``outbox`` (it stays leased, now sending)."""
+    def set_outputs(self, job_id: int, owner: str, outbox: str | None, result: str, now: dt.datetime,
+                    priority: int | None = None, notify: Sequence[tuple[str, str]] = ()) -> bool:
+        """Record the analysis: its result, the outbox of its objects (it stays leased, now sending), its
+        triage priority, and the notifications to send (channel, payload), once per channel and job."""
+        values: dict = {"outbox": outbox, "result": result, "updated_at": now}
+        if priority is not None:
+            values["priority"] = priority
         with self.engine.begin() as conn:
-            return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
-                                                   jobs.c.state == JobState.RUNNING)
-                                .values(outbox=outbox, result=result, updated_at=now)).rowcount == 1
+            changed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                      jobs.c.state == JobState.RUNNING).values(**values)).rowcount
+            if changed != 1:
+                return False
+            uid = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar_one()
+            have = {r.channel for r in conn.execute(select(notifications.c.channel).where(
+                notifications.c.job_id == job_id)).all()}
+            for channel, payload in notify:
+                if channel in have:
+                    continue
+                conn.execute(insert(notifications).values(
+                    job_id=job_id, study_instance_uid=uid, channel=channel, state="pending", payload=payload,
+                    attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+                conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="notify-queued",
+                                                   detail=f"job {job_id}: {channel}"))
+            return True
 
     def mark_delivered(self, job_id: int, destination: str, now: dt.datetime) -> None:
         with self.engine.begin() as conn:
@@ -324,6 +380,23 @@ class Store:
                                                    detail=f"job {job_id} at {when.isoformat()}: {reason}"))
             return changed == 1
 
+    def release_leases(self, owner: str, now: dt.datetime, reason: str) -> list[int]:
+        """Jobs ``owner`` held (it stopped): back to queued, or to sending when their results exist."""
+        released = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(jobs.c.id, jobs.c.outbox, jobs.c.study_instance_uid).where(
+                jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)).all()
+            for row in rows:
+                state = JobState.SENDING if row.outbox else JobState.QUEUED
+                conn.execute(update(jobs).where(jobs.c.id == row.id, jobs.c.lease_owner == owner,
+                                                jobs.c.state == JobState.RUNNING)
+                             .values(state=state, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
+                                     reason=reason, updated_at=now))
+                conn.execute(insert(events).values(at=now, study_instance_uid=row.study_instance_uid,
+                                                   kind="job-released", detail=f"job {row.id}: {reason}"))
+                released.append(row.id)
+        return released
+
     def jobs_of(self, study_instance_uid: str) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs).where(jobs.c.study_instance_uid == study_instance_uid)
@@ -346,3 +419,53 @@ class Store:
             rows = conn.execute(select(events).where(events.c.study_instance_uid == study_instance_uid)
                                 .order_by(events.c.id)).all()
         return [dict(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------------ notifications
+    def due_notifications(self, now: dt.datetime, limit: int = 50) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(notifications).where(
+                notifications.c.state == "pending", notifications.c.next_attempt_at <= now)
+                .order_by(notifications.c.id).limit(limit)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def notification_retry(self, notification_id: int, when: dt.datetime, reason: str, now: dt.datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(notifications).where(notifications.c.id == notification_id).values(
+                attempts=notifications.c.attempts + 1, next_attempt_at=when, reason=reason, updated_at=now))
+
+    def notification_done(self, notification_id: int, sent: bool, reason: str, now: dt.datetime) -> None:
+        state = "sent" if sent else "failed"
+        with self.engine.begin() as conn:
+            conn.execute(update(notifications).where(notifications.c.id == notification_id).values(
+                attempts=notifications.c.attempts + 1, state=state, reason=reason, updated_at=now))
+            row = conn.execute(select(notifications.c.study_instance_uid, notifications.c.channel,
+                                      notifications.c.job_id).where(notifications.c.id == notification_id)).one()
+            conn.execute(insert(events).values(at=now, study_instance_uid=row.study_instance_uid,
+                                               kind=f"notify-{state}",
+                                               detail=f"job {row.job_id}: {row.channel}: {reason}"))
+
+    def notifications_of(self, study_instance_uid: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(notifications).where(
+                notifications.c.study_instance_uid == study_instance_uid).order_by(notifications.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------------ heartbeats and audit
+    def beat(self, component: str, host: str, pid: int, now: dt.datetime, detail: dict | None = None) -> None:
+        """Record that ``component`` is alive (the admin CLI's ``status`` reads it)."""
+        values = {"host": host, "pid": pid, "at": now, "detail": json.dumps(detail or {})}
+        with self.engine.begin() as conn:
+            if conn.execute(update(heartbeats).where(heartbeats.c.component == component)
+                            .values(**values)).rowcount == 0:
+                conn.execute(insert(heartbeats).values(component=component, **values))
+
+    def heartbeats(self) -> dict[str, dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(heartbeats)).all()
+        return {r.component: dict(r._mapping) | {"detail": json.loads(r.detail or "{}")} for r in rows}
+
+    def record_event(self, study_instance_uid: str | None, kind: str, detail: str,
+                     now: dt.datetime | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(events).values(at=now or utcnow(), study_instance_uid=study_instance_uid,
+                                               kind=kind, detail=detail))

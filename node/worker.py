@@ -3,7 +3,8 @@
 Outcomes are job states with a reason: ``done`` (the summary is stored as JSON, no patient data),
 ``skipped`` (no series qualifies, with the selection's reason) or ``failed`` (what went wrong). A
 lease is renewed while the model runs; a worker that dies loses its lease and another takes the
-job up. Sending SC + SR to the destinations comes next (the ``sending`` state is reserved for it).
+job up. Results (SC + SR) go to every destination, C-STORE priority HIGH when PE is suspected; the
+triage priority (``node/triage.py``) and the notifications (``node/notify``) are recorded with them.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 
-from node.config import Destination
+from node.config import Destination, NotifySettings, TriageSettings
 from node.errors import NodeError
 from node.inference import Engine
-from node.scu import SendError, send_files
+from node.scu import HIGH, MEDIUM, SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
 from node.series import SeriesError, SeriesIndex, check_spacing, index_series, source_slice
 from node.store import JobState, Store, utcnow
+from node.triage import priority as triage_priority
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,15 @@ class Worker:
     def __init__(self, store: Store, engine: Engine, *, owner: str | None = None, lease_seconds: float = 120.0,
                  clock: Callable[[], dt.datetime] = utcnow, outbox_root: Path | None = None,
                  destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE",
-                 rules: SeriesRules | None = None, max_gap_factor: float = 1.5):
+                 rules: SeriesRules | None = None, max_gap_factor: float = 1.5,
+                 triage: TriageSettings | None = None, notify: NotifySettings | None = None):
         self.store, self.engine = store, engine
         self.owner = owner or worker_name()
         self.lease_seconds, self.clock = lease_seconds, clock
         self.outbox_root, self.destinations, self.ae_title = outbox_root, list(destinations), ae_title
         self.rules, self.max_gap_factor = rules or SeriesRules(), max_gap_factor
+        self.triage, self.notify = triage or TriageSettings(), notify or NotifySettings()
+        self._last_beat = 0.0
 
     def run_once(self) -> dict | None:
         """Claim and advance one job; returns its new state, or None when nothing is due."""
@@ -85,11 +90,21 @@ class Worker:
             summary = analysis.summary() | {"series": {"series_instance_uid": choice.series_instance_uid,
                                                        "description": choice.description,
                                                        "reason": choice.reason}}
+            study = self.store.study(uid) or {}
+            priority = triage_priority(self.triage, positive=analysis.positive, probability=analysis.probability,
+                                       urgent=bool(study.get("urgent")))
+            summary["priority"] = priority
             state, result = JobState.DONE, json.dumps(summary)
             reason = f"{summary['decision']}, probability {summary['probability']:.3f}"
+            outbox = None
             if self.outbox_root is not None and self.destinations:
                 outbox = self._write_outputs(job_id, analysis, index)
-                self.store.set_outputs(job_id, self.owner, str(outbox), result, self.clock())
+            notes = self._notifications(choice.headers[0] if choice.headers else None, summary, uid, priority)
+            if not self.store.set_outputs(job_id, self.owner, str(outbox) if outbox else None, result, self.clock(),
+                                          priority=priority, notify=notes):
+                log.warning("job %d: lease lost or job cancelled while analysing; outcome discarded", job_id)
+                return {"id": job_id, "study_instance_uid": uid, "state": "lost", "reason": "lease lost"}
+            if outbox is not None:
                 job = job | {"outbox": str(outbox), "result": result, "delivered": "[]", "send_attempts": 0}
                 return self._deliver(job)
         except SeriesError as exc:
@@ -106,6 +121,21 @@ class Worker:
             log.warning("job %d: lease lost before it finished; another worker owns it now", job_id)
         log.info("job %d (study ...%s): %s - %s", job_id, uid[-8:], state, reason)
         return {"id": job_id, "study_instance_uid": uid, "state": state, "reason": reason, "result": result}
+
+    def _notifications(self, source, summary: dict, uid: str, priority: int) -> list[tuple[str, str]]:
+        """The messages for the RIS (HL7) and the webhook, if configured and this result is to be notified."""
+        if source is None or (self.notify.results == "positive" and not summary["positive"]):
+            return []
+        from node.notify.hl7 import build_oru
+        from node.notify.webhook import build_payload
+
+        earlier = any(n["channel"] == "hl7" for n in self.store.notifications_of(uid))
+        notes = []
+        if self.notify.hl7 is not None:
+            notes.append(("hl7", build_oru(self.notify.hl7, source, summary, corrected=earlier)))
+        if self.notify.webhook is not None:
+            notes.append(("webhook", build_payload(source, summary, priority)))
+        return notes
 
     def _write_outputs(self, job_id: int, analysis, index: SeriesIndex) -> Path:
         """SR + SC into the outbox; ``index`` is the analysed series."""
@@ -132,16 +162,20 @@ class Worker:
         files = sorted(Path(job["outbox"]).glob("*.dcm"))
         delivered = set(json.loads(job.get("delivered") or "[]"))
         problems = []
+        summary = json.loads(job["result"])
+        urgent = bool(summary.get("positive"))
         for dest in self.destinations:
             if dest.name in delivered:
                 continue
+            if not self.store.heartbeat(job_id, self.owner, self.lease_seconds, self.clock()):
+                log.warning("job %d: cancelled or taken over before sending to %s", job_id, dest.name)
+                return {"id": job_id, "study_instance_uid": uid, "state": "lost", "reason": "lease lost"}
             try:
-                send_files(files, dest, calling_ae_title=self.ae_title)
+                send_files(files, dest, calling_ae_title=self.ae_title, priority=HIGH if urgent else MEDIUM)
                 self.store.mark_delivered(job_id, dest.name, self.clock())
                 delivered.add(dest.name)
             except (SendError, OSError) as exc:
                 problems.append(str(exc))
-        summary = json.loads(job["result"])
         base = f"{summary['decision']}, probability {summary['probability']:.3f}"
         if not problems:
             return self._finish(job_id, uid, JobState.DONE, f"{base}; sent to {', '.join(sorted(delivered))}",
@@ -157,8 +191,17 @@ class Worker:
         return {"id": job_id, "study_instance_uid": uid, "state": JobState.SENDING, "reason": reason,
                 "result": job.get("result")}
 
+    def beat(self, every_seconds: float = 5.0) -> None:
+        """Tell the store this worker is alive (``petriage status`` reads it), at most every few seconds."""
+        if time.monotonic() - self._last_beat >= every_seconds:
+            host, _, pid = self.owner.rpartition(":")
+            self.store.beat("worker", host, int(pid) if pid.isdigit() else os.getpid(), self.clock(),
+                            self.engine.describe() | {"owner": self.owner})
+            self._last_beat = time.monotonic()
+
     def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Run jobs until ``stop`` is set (checked between jobs)."""
         while not stop.is_set():
+            self.beat()
             if self.run_once() is None:
                 stop.wait(poll_seconds)

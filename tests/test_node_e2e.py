@@ -33,7 +33,7 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
     port = free_port()
     cfg = load_config(None, environ={}, overrides=[
         f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={port}", "study.quiet_seconds=2",
-        "study.max_wait_seconds=60", "model.device=cpu", "model.key_images=2",
+        "study.max_wait_seconds=60", "model.device=cpu", "model.key_images=2", "metrics.port=0",
         f"destinations=[{{name: pacs, ae_title: {orthanc.ae_title}, host: 127.0.0.1, port: {orthanc.dicom_port}}}]"])
     study = generate_study(930001, pe=True, options=DATA)
     write_study(study, tmp_path / "in")
@@ -83,7 +83,7 @@ def _pacs(tmp_path):
 def _node_cfg(tmp_path, pacs_port: int):
     return load_config(None, environ={}, overrides=[
         f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={free_port()}",
-        "study.quiet_seconds=1", "study.max_wait_seconds=60", "model.device=cpu",
+        "study.quiet_seconds=1", "study.max_wait_seconds=60", "model.device=cpu", "metrics.port=0",
         f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs_port}}}]"])
 
 

@@ -60,6 +60,7 @@ def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_
         "node": cfg.node.model_copy(update={"host": "127.0.0.1", "port": node_port, "allowed_calling_aets": []}),
         "storage": cfg.storage.model_copy(update={"root": out_dir / "node"}),
         "study": cfg.study.model_copy(update={"quiet_seconds": 2.0, "max_wait_seconds": 60.0}),
+        "metrics": cfg.metrics.model_copy(update={"port": 0}),  # a running node may hold the metrics port
         "destinations": load_config(None, environ={}, overrides=[
             f"destinations=[{{name: demopacs, ae_title: DEMOPACS, host: 127.0.0.1, port: {pacs_port}}}]"]
         ).destinations,

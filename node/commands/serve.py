@@ -3,14 +3,17 @@
 The worker process runs the model, so a slow or crashing model never blocks or kills the receiver.
 If it dies it is started again (its leased job is taken up again when the lease runs out). SIGTERM or
 SIGINT stops the listener first (no new instances), then the sweep, then asks the worker to finish its
-current job (``stop_timeout`` seconds, then it is killed; its job is leased, so nothing is lost).
+current job (``stop_timeout`` seconds, then it is killed and its job goes straight back to the queue).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import multiprocessing as mp
+import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +21,7 @@ from typing import Annotated
 import typer
 
 from node.config import Config
+from node.errors import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -26,49 +30,85 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     """Entry point of the worker process (spawned: a clean interpreter, no inherited threads)."""
     from node.config import Config
     from node.inference import Engine
+    from node.logs import configure_logging
     from node.selection import SeriesRules
     from node.store import Store, database_url
     from node.worker import Worker
 
-    logging.basicConfig(level=config_json["logging"]["level"],
-                        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
-    from node.cli_runner import quiet_libraries
-
-    quiet_libraries()
     cfg = Config.model_validate(config_json)
+    configure_logging(cfg.logging, role="worker")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    os.umask(0o077)  # outbox files: the node's user only
     store = Store(database_url(cfg.storage.root))
     engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
                     threads=cfg.model.threads or None, key_slices=cfg.model.key_images)
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
                     destinations=cfg.destinations, ae_title=cfg.node.ae_title,
-                    rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor)
+                    rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor,
+                    triage=cfg.triage, notify=cfg.notify)
     worker.run_forever(stop, poll_seconds=0.5)
 
 
 class Node:
-    """The running node: listener, sweep and a supervised worker process."""
+    """The running node: listener, sweep, notifier, metrics and a supervised worker process.
+
+    Files and the database are made readable by the node's user only (umask 077, storage root 0700).
+    """
 
     def __init__(self, cfg: Config, *, sweep_seconds: float = 1.0, lease_seconds: float = 120.0,
-                 stop_timeout: float = 300.0):
+                 stop_timeout: float = 300.0, notify_seconds: float = 2.0):
         from node.assembly import Assembler, start_sweeper
+        from node.metrics import NodeMetrics
+        from node.notify import Notifier
         from node.scp import start_scp
         from node.spool import sweep_partials
         from node.store import Store, database_url
 
         self.cfg, self.lease_seconds, self.stop_timeout = cfg, lease_seconds, stop_timeout
+        os.umask(0o077)
         root = Path(cfg.storage.root)
         root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
         removed = sweep_partials(root / "spool") if (root / "spool").exists() else 0
         if removed:
             log.warning("removed %d partial files left by an earlier crash", removed)
         self.store = Store(database_url(root))
-        self.server = start_scp(cfg, self.store)
-        self.sweeper = start_sweeper(Assembler(self.store, cfg.study), sweep_seconds)
+        self.metrics = NodeMetrics(self.store)
+        try:
+            self.metrics_server = (self.metrics.serve(cfg.metrics.host, cfg.metrics.port)[0]
+                                   if cfg.metrics.port else None)
+        except OSError as exc:
+            raise NodeError(f"metrics: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
+                            f"{exc.strerror or exc} (set metrics.port, or 0 to switch metrics off)") from exc
+        self.server = start_scp(cfg, self.store, on_status=lambda s: self.metrics.received.labels(s).inc())
+        self.sweeper = start_sweeper(Assembler(self.store, cfg.study, triage=cfg.triage,
+                                               on_complete=self.metrics.completed.inc), sweep_seconds)
         self._ctx = mp.get_context("spawn")
         self.worker = self._start_worker()
+        self.notifier = Notifier(self.store, cfg.notify)
+        self.sweeper.add_job(self.notifier.run_due, "interval", seconds=notify_seconds, id="notify",
+                             max_instances=1, coalesce=True)
+        self.sweeper.add_job(self._beat, "interval", seconds=5, id="heartbeat", max_instances=1, coalesce=True,
+                             next_run_time=dt.datetime.now(dt.UTC))
+
+    def _beat(self) -> None:
+        from node.store import utcnow
+
+        self.store.beat("listener", socket.gethostname(), os.getpid(), utcnow(), {
+            "ae_title": self.cfg.node.ae_title, "host": self.cfg.node.host, "port": self.cfg.node.port,
+            "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid,
+            "metrics_port": self.cfg.metrics.port})
+
+    def _release(self, proc) -> None:
+        """Put the job a dead or killed worker held back in the queue at once (not after its lease)."""
+        from node.store import utcnow
+
+        owner = f"{socket.gethostname()}:{proc.pid}"
+        released = self.store.release_leases(owner, utcnow(), f"worker {proc.pid} stopped mid-job; re-queued")
+        if released:
+            log.warning("re-queued job(s) %s held by worker %d", ", ".join(map(str, released)), proc.pid)
 
     def _start_worker(self):
         proc = self._ctx.Process(target=_worker_main, args=(self.cfg.model_dump(mode="json"), self.lease_seconds),
@@ -79,6 +119,7 @@ class Node:
     def supervise(self) -> None:
         if not self.worker.is_alive():
             log.error("worker process exited with code %s; starting a new one", self.worker.exitcode)
+            self._release(self.worker)
             self.worker = self._start_worker()
 
     def stop(self) -> None:
@@ -88,8 +129,12 @@ class Node:
             self.worker.terminate()  # SIGTERM: the worker finishes its current job, then exits
             self.worker.join(self.stop_timeout)
             if self.worker.is_alive():
+                log.warning("worker did not finish its job in %.0f s; stopping it", self.stop_timeout)
                 self.worker.kill()
                 self.worker.join(10)
+        self._release(self.worker)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.store.engine.dispose()
 
 
@@ -98,7 +143,10 @@ def serve_cmd(
     stop_timeout: Annotated[float, typer.Option(help="Seconds the worker may take to finish its job on stop.")] = 300.0,
 ) -> None:
     """Run the node: receive (C-STORE), complete studies, analyse, send SC + SR to the destinations."""
+    from node.logs import configure_logging
+
     cfg: Config = ctx.obj.config
+    configure_logging(cfg.logging, role="node")
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
