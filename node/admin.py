@@ -40,6 +40,7 @@ def _job_row(row, now: dt.datetime) -> dict:
     result = json.loads(d.get("result") or "null") or {}
     d["probability"] = result.get("probability")
     d["decision"] = result.get("decision")
+    d["positive"] = result.get("positive")
     d["age_seconds"] = _age_seconds(d["created_at"], now)
     return d
 

@@ -44,7 +44,7 @@ def _store(ctx: typer.Context):
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = int(seconds)
+    seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 7200:
@@ -115,17 +115,19 @@ def queue_show(ctx: typer.Context,
     study = store.study(uid) or {}
     out.print(f"[bold]study[/bold] {uid}  ({study.get('instances', '?')} instances, "
               f"{'urgent' if study.get('urgent') else 'routine'})", highlight=False)
-    out.print(_jobs_table(found, "jobs"))
     for job in found:
+        out.print(f"job {job['id']}: [bold]{job['state']}[/bold], priority {job['priority']}, attempt(s) "
+                  f"{job['attempts']}, created {job['created_at']:%Y-%m-%d %H:%M:%S} UTC - {job.get('reason') or ''}",
+                  highlight=False, soft_wrap=True)
         if job.get("result"):
             result = json.loads(job["result"])
             series = result.get("series", {})
             out.print(f"job {job['id']}: {result['decision']}, probability {result['probability']:.3f} "
                       f"(threshold {result['threshold']}); series {series.get('description') or '?'}: "
-                      f"{series.get('reason', '')}", highlight=False)
+                      f"{series.get('reason', '')}", highlight=False, soft_wrap=True)
     for n in notes:
         out.print(f"notification {n['id']} {n['channel']}: {n['state']} after {n['attempts']} attempt(s) "
-                  f"{n.get('reason') or ''}", highlight=False)
+                  f"{n.get('reason') or ''}", highlight=False, soft_wrap=True)
     table = Table(title="timeline", title_justify="left")
     for name in ("at (UTC)", "event", "detail"):
         table.add_column(name, overflow="fold")
@@ -203,21 +205,29 @@ def worklist_cmd(ctx: typer.Context, as_json: AsJson = False,
         _json(rows)
         return
     table = Table(title="worklist (AI triage aid - not for diagnostic use)", title_justify="left")
-    for name in ("#", "study", "triage", "probability", "priority", "job", "received", "result"):
-        table.add_column(name, no_wrap=True)
+    table.add_column("#", justify="right", min_width=2, no_wrap=True)
+    table.add_column("study", no_wrap=True)
+    table.add_column("triage", no_wrap=True, min_width=16)
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("prio", justify="right", no_wrap=True)
+    table.add_column("job", no_wrap=True)
+    table.add_column("received", justify="right", no_wrap=True)
     for i, r in enumerate(rows, 1):
         p = r["probability"]
         if p is None:
-            triage = {"failed": "[yellow]not analysed (failed)[/yellow]",
-                      "skipped": "[yellow]not analysed (skipped)[/yellow]"}.get(r["state"], "pending")
-        elif "not" in (r["decision"] or ""):
+            triage = {"failed": "[yellow]not analysed: failed[/yellow]",
+                      "skipped": "[yellow]not analysed: skipped[/yellow]"}.get(r["state"], "pending")
+        elif not r["positive"]:
             triage = "[green]PE not suspected[/green]"
         else:
             triage = "[bold red]PE suspected[/bold red]"
-        table.add_row(str(i), _short(r["study_instance_uid"]), triage, "-" if p is None else f"{p:.3f}",
-                      str(r["priority"]), f"{r['id']} {r['state']}", _age(r["received_age_seconds"]) + " ago",
-                      "-" if r["result_age_seconds"] is None else _age(r["result_age_seconds"]) + " ago")
+        table.add_row(str(i), _short(r["study_instance_uid"])[-10:], triage, "-" if p is None else f"{p:.2f}",
+                      str(r["priority"]), f"{r['id']} {r['state']}", _age(r["received_age_seconds"]))
     out.print(table)
+
+
+def _beat_text(age: float | None) -> str:
+    return "no heartbeat recorded" if age is None else f"last heartbeat {_age(age)} ago"
 
 
 def _listening(host: str, port: int) -> bool:
@@ -274,9 +284,9 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
             return "[green]ok[/green]" if ok else "[bold red]DOWN[/bold red]"
 
         out.print(f"listener  {mark(listener_ok)}  {cfg.node.ae_title} on port {cfg.node.port}, "
-                  f"{'accepting connections' if listening else 'not accepting connections'}, heartbeat "
-                  f"{_age(listener_age)} ago", highlight=False)
-        out.print(f"worker    {mark(worker_ok)}  heartbeat {_age(worker_age)} ago", highlight=False)
+                  f"{'accepting connections' if listening else 'not accepting connections'}, "
+                  f"{_beat_text(listener_age)}", highlight=False, soft_wrap=True)
+        out.print(f"worker    {mark(worker_ok)}  {_beat_text(worker_age)}", highlight=False, soft_wrap=True)
         q = report["queue"]
         out.print(f"queue     {q['queued']} queued, {q['running']} running, {q['sending']} sending, "
                   f"{q['failed']} failed; oldest queued {_age(q['oldest_queued_age_seconds'])}", highlight=False)

@@ -1,0 +1,150 @@
+"""The admin CLI against a real store (SQLite under tmp_path): what a PACS administrator does at 3 a.m."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.cli import main
+from node.store import JobState, Received, Store, database_url, utcnow
+
+
+@pytest.fixture
+def node_store(tmp_path) -> tuple[Path, Store]:
+    root = tmp_path / "var"
+    root.mkdir()
+    config = tmp_path / "petriage.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "metrics": {"port": 0}}))
+    return config, Store(database_url(root))
+
+
+def _study(store: Store, root: Path, uid: str, n: int = 3, at: dt.datetime | None = None) -> list[Path]:
+    at = at or utcnow()
+    paths = []
+    for k in range(n):
+        path = root / "spool" / uid / "1.9" / f"{uid}.{k}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+        store.record_instance(Received(f"{uid}.{k}", uid, "1.9", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                       path, 100, "MODALITY"), at)
+        paths.append(path)
+    return paths
+
+
+def _job(store: Store, uid: str, state: JobState, reason: str, at: dt.datetime, result: dict | None = None,
+         priority: int | None = None) -> int:
+    store.complete_quiet_studies(at + dt.timedelta(seconds=60), 1, 900)
+    job = store.claim_job("test-worker", 60, at + dt.timedelta(seconds=61))
+    assert job and job["study_instance_uid"] == uid
+    store.finish_job(job["id"], "test-worker", state, reason, at + dt.timedelta(seconds=62),
+                     json.dumps(result) if result else None, priority)
+    return job["id"]
+
+
+def _run(capsys, config: Path, *args: str) -> tuple[int, str, str]:
+    code = main(["--config", str(config), *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _result(p: float) -> dict:
+    return {"probability": p, "decision": "PE suspected" if p > 0.5 else "PE not suspected", "positive": p > 0.5,
+            "threshold": 0.5, "series": {"description": "CTPA", "reason": "64 axial CT slices"}}
+
+
+def test_an_admin_finds_why_a_study_failed_retries_it_and_sees_it_queued_again(node_store, capsys):
+    config, store = node_store
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    now = utcnow()
+    _study(store, root, "1.2.3.100", at=now)
+    failed = _job(store, "1.2.3.100", JobState.FAILED, "2 of 3 spooled files are missing (e.g. 1.dcm)", now)
+
+    code, out, _ = _run(capsys, config, "queue", "list", "--state", "failed", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["id"] for r in rows] == [failed] and "spooled files are missing" in rows[0]["reason"]
+
+    code, out, _ = _run(capsys, config, "queue", "show", str(failed))
+    assert code == 0 and "spooled files are missing" in out and "job-failed" in out
+
+    code, out, _ = _run(capsys, config, "queue", "retry", str(failed))
+    assert code == 0 and "queued" in out
+    assert store.jobs_of("1.2.3.100")[-1]["state"] == JobState.QUEUED
+
+    code, _, err = _run(capsys, config, "queue", "retry", str(failed))  # already queued: refused, says why
+    assert code == 1 and "is queued" in err
+
+    events = [e["kind"] for e in store.events_of("1.2.3.100")]
+    assert "admin-retry" in events
+
+
+def test_cancel_priority_and_requeue_change_only_jobs_in_states_that_allow_it(node_store, capsys):
+    config, store = node_store
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    now = utcnow()
+    _study(store, root, "1.2.3.200", at=now)
+    store.complete_quiet_studies(now + dt.timedelta(seconds=60), 1, 900)
+    queued = store.jobs_of("1.2.3.200")[0]["id"]
+
+    assert _run(capsys, config, "queue", "priority", str(queued), "900")[0] == 0
+    assert store.jobs_of("1.2.3.200")[0]["priority"] == 900
+    assert _run(capsys, config, "queue", "cancel", str(queued))[0] == 0
+    assert store.jobs_of("1.2.3.200")[0]["state"] == JobState.CANCELLED
+    code, _, err = _run(capsys, config, "queue", "cancel", str(queued))
+    assert code == 1 and "cancelled" in err
+
+    for uid in ("1.2.3.301", "1.2.3.302"):
+        _study(store, root, uid, at=now)
+        _job(store, uid, JobState.FAILED, "association rejected", now)
+    code, out, _ = _run(capsys, config, "queue", "requeue", "--failed")
+    assert code == 0 and "re-queued 2" in out
+    assert all(store.jobs_of(u)[-1]["state"] == JobState.QUEUED for u in ("1.2.3.301", "1.2.3.302"))
+
+    assert _run(capsys, config, "queue", "show", "999")[0] == 1  # no such job: exit 1 with a message
+    assert _run(capsys, config, "queue", "list", "--state", "exploded")[0] == 2  # bad usage: exit 2
+
+
+def test_the_worklist_lists_pe_positive_first_by_probability_then_pending_then_negative(node_store, capsys):
+    config, store = node_store
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    now = utcnow()
+    for uid, p, priority in (("1.2.4.1", 0.02, 2), ("1.2.4.2", 0.91, 1091), ("1.2.4.3", 0.97, 1097)):
+        _study(store, root, uid, at=now)
+        _job(store, uid, JobState.DONE, "analysed", now, _result(p), priority)
+    _study(store, root, "1.2.4.4", at=now)
+    store.complete_quiet_studies(now + dt.timedelta(seconds=60), 1, 900, priority_of=lambda urgent: 500)
+
+    code, out, _ = _run(capsys, config, "worklist", "--json")
+    order = [r["study_instance_uid"] for r in json.loads(out)]
+    assert code == 0 and order == ["1.2.4.3", "1.2.4.2", "1.2.4.4", "1.2.4.1"]
+    code, out, _ = _run(capsys, config, "worklist")
+    assert code == 0 and out.index("PE suspected") < out.index("pending") < out.index("PE not suspected")
+
+
+def test_purge_deletes_old_finished_studies_with_their_files_and_keeps_the_audit_trail(node_store, capsys):
+    config, store = node_store
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    old = utcnow() - dt.timedelta(days=40)
+    old_files = _study(store, root, "1.2.5.1", at=old)
+    _job(store, "1.2.5.1", JobState.DONE, "analysed", old, _result(0.1))
+    new_files = _study(store, root, "1.2.5.2")
+    _job(store, "1.2.5.2", JobState.DONE, "analysed", utcnow(), _result(0.1))
+
+    code, out, _ = _run(capsys, config, "queue", "purge", "--older-than", "30d", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["studies"] == ["1.2.5.1"] and all(p.exists() for p in old_files)
+    code, out, _ = _run(capsys, config, "queue", "purge", "--older-than", "30d")
+    assert code == 0 and "deleted 1 study" in out
+    assert not any(p.exists() for p in old_files) and all(p.exists() for p in new_files)
+    assert store.study("1.2.5.1") is None and store.jobs_of("1.2.5.1") == []
+    assert "admin-purge" in [e["kind"] for e in store.events_of("1.2.5.1")]
+    assert _run(capsys, config, "queue", "purge", "--older-than", "soon")[0] == 2
+
+
+def test_admin_commands_on_a_missing_store_say_so_with_exit_code_1(tmp_path, capsys):
+    config = tmp_path / "petriage.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "nowhere")}}))
+    code, _, err = _run(capsys, config, "queue", "list")
+    assert code == 1 and "no node store" in err
