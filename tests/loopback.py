@@ -1,21 +1,29 @@
-"""Real listeners on loopback for the operations tests: a recording PACS (pynetdicom), an HL7 MLLP
-server (hl7apy, a library no one here wrote) and a webhook receiver (http.server)."""
+"""A node on loopback for the operations tests: its config file with free ports, storescu into it,
+waiting for its jobs; and real listeners: a recording PACS (pynetdicom), an HL7 MLLP server (hl7apy,
+a library no one here wrote) and a webhook receiver (http.server)."""
 
 from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pydicom
+import yaml
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from conftest import free_port, require_tool
+from node.commands.serve import Node
+from node.store import FINAL_STATES
 
 
 @dataclass
@@ -136,3 +144,32 @@ def patient_identity(ds: pydicom.Dataset) -> list[str]:
     """The strings that identify the patient: they must never appear in logs or webhooks."""
     name = str(ds.PatientName)
     return [s for s in (name, name.replace("^", " "), str(ds.PatientID), str(ds.PatientBirthDate)) if s]
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    """A node config file on loopback with free ports; ``sections`` are merged over it."""
+    data = {"node": {"host": "127.0.0.1", "port": free_port()}, "storage": {"root": str(tmp_path / "var")},
+            "study": {"quiet_seconds": 1.0, "max_wait_seconds": 60.0}, "model": {"device": "cpu"},
+            "metrics": {"port": 0}, "destinations": []}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "petriage.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def storescu(cfg, folder: Path) -> None:
+    subprocess.run([require_tool("storescu"), "-aec", cfg.node.ae_title, "+sd", "+r", "127.0.0.1",
+                    str(cfg.node.port), str(folder)], check=True, timeout=120, env={"TCP_NODELAY": "1"},
+                   capture_output=True)
+
+
+def wait_for(node: Node, uids: list[str], seconds: float = 180, states=FINAL_STATES) -> dict[str, list[dict]]:
+    deadline = time.monotonic() + seconds
+    while True:
+        node.supervise()
+        jobs = {u: node.store.jobs_of(u) for u in uids}
+        if all(j and j[-1]["state"] in states for j in jobs.values()):
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.2)

@@ -9,55 +9,23 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from hl7apy.parser import parse_message
 
-from conftest import free_port, require_tool
-from loopback import Hl7Listener, RecordingPacs, WebhookListener, patient_identity
+from conftest import free_port
+from loopback import Hl7Listener, RecordingPacs, WebhookListener, patient_identity, storescu, wait_for, write_config
 from node.cli import main
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import PhantomOptions, generate_study, write_study
-from node.store import FINAL_STATES, JobState
+from node.store import JobState
 
 DATA = PhantomOptions(matrix=256, slices=64, slice_spacing_mm=4.5, min_embolus_mm=10.0,
                       embolus_levels=("central", "lobar"))
-
-
-def write_config(tmp_path: Path, **sections) -> Path:
-    """A node config file on loopback with free ports; ``sections`` are merged over it."""
-    data = {"node": {"host": "127.0.0.1", "port": free_port()}, "storage": {"root": str(tmp_path / "var")},
-            "study": {"quiet_seconds": 1.0, "max_wait_seconds": 60.0}, "model": {"device": "cpu"},
-            "metrics": {"port": 0}, "destinations": []}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path = tmp_path / "petriage.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def storescu(cfg, folder: Path) -> None:
-    subprocess.run([require_tool("storescu"), "-aec", cfg.node.ae_title, "+sd", "+r", "127.0.0.1",
-                    str(cfg.node.port), str(folder)], check=True, timeout=120, env={"TCP_NODELAY": "1"},
-                   capture_output=True)
-
-
-def wait_for(node: Node, uids: list[str], seconds: float = 180, states=FINAL_STATES) -> dict[str, list[dict]]:
-    deadline = time.monotonic() + seconds
-    while True:
-        node.supervise()
-        jobs = {u: node.store.jobs_of(u) for u in uids}
-        if all(j and j[-1]["state"] in states for j in jobs.values()):
-            return jobs
-        assert time.monotonic() < deadline, jobs
-        time.sleep(0.2)
 
 
 class Cli:
