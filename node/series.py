@@ -23,6 +23,11 @@ from node.errors import NodeError
 from node.frames import frames
 
 
+#: Plausible CT pixel and slice sizes; outside them a header is wrong, not a scanner unusual.
+PIXEL_SPACING_MM = (0.05, 10.0)
+SLICE_SPACING_MM = (0.1, 20.0)
+
+
 class SeriesError(NodeError):
     """A series that cannot be made into one consistent volume; the message says why."""
 
@@ -89,6 +94,9 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
         raise SeriesError("ImageOrientationPatient is missing")
     if frame0.pixel_spacing_mm is None:
         raise SeriesError("PixelSpacing is missing")
+    if not all(PIXEL_SPACING_MM[0] <= v <= PIXEL_SPACING_MM[1] for v in frame0.pixel_spacing_mm):
+        raise SeriesError(f"PixelSpacing {list(frame0.pixel_spacing_mm)} mm is not a CT pixel size "
+                          f"({PIXEL_SPACING_MM[0]}-{PIXEL_SPACING_MM[1]} mm)")
     iop = frame0.orientation
     normal = np.cross(iop[:3], iop[3:])
     if np.linalg.norm(normal) < 0.5:
@@ -119,6 +127,9 @@ def check_spacing(index: SeriesIndex, max_gap_factor: float = 1.5) -> float:
     spacing = float(np.median(gaps))
     if gaps.min() < 1e-3:
         raise SeriesError("two slices share one position (duplicate or overlapping acquisitions in one series)")
+    if not SLICE_SPACING_MM[0] <= spacing <= SLICE_SPACING_MM[1]:
+        raise SeriesError(f"slice spacing {spacing:.3g} mm is not a CT slice spacing "
+                          f"({SLICE_SPACING_MM[0]}-{SLICE_SPACING_MM[1]} mm)")
     if gaps.max() > max_gap_factor * spacing:
         k = int(np.argmax(gaps))
         raise SeriesError(f"slices missing: a {gaps[k]:.1f} mm gap after slice {k + 1} of {len(index)} "
