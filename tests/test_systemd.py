@@ -32,3 +32,13 @@ def test_the_unit_runs_serve_as_a_dedicated_user_with_a_stop_timeout_longer_than
     assert "User=petriage" in text and "ProtectSystem=strict" in text and "NoNewPrivileges=yes" in text
     stop = int(text.split("--stop-timeout ")[1].split()[0])
     assert int(text.split("TimeoutStopSec=")[1].split()[0]) > stop
+
+
+def test_systemd_analyze_security_rates_the_unit_exposure_at_most_2():
+    proc = subprocess.run([require_tool("systemd-analyze"), "security", "--offline=true", "--threshold=20",
+                           str(UNIT)], capture_output=True, text=True, timeout=60)
+    overall = [ln for ln in proc.stdout.splitlines() if "Overall exposure level" in ln]
+    assert overall, proc.stdout + proc.stderr
+    exposure = float(overall[0].split(":")[1].split()[0])  # 0 (sealed) .. 10 (exposed)
+    print(f"\n{overall[0]}")
+    assert proc.returncode == 0 and exposure <= 2.0
