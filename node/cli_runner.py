@@ -15,8 +15,9 @@ err = Console(stderr=True)
 
 
 def quiet_libraries() -> None:
-    """pynetdicom and APScheduler log every association and every timer run at INFO: keep their warnings only."""
-    for name in ("pynetdicom", "apscheduler"):
+    """pynetdicom, APScheduler and highdicom log every association, timer run and copied module at INFO
+    (pynetdicom can dump whole data sets at DEBUG): keep their warnings only."""
+    for name in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

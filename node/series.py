@@ -22,8 +22,7 @@ from pydicom.pixels import pixel_array
 from node.errors import NodeError
 from node.frames import frames
 
-
-#: Plausible CT pixel and slice sizes; outside them a header is wrong, not a scanner unusual.
+#: Plausible CT pixel and slice sizes; outside them the header is wrong, not the scanner unusual.
 PIXEL_SPACING_MM = (0.05, 10.0)
 SLICE_SPACING_MM = (0.1, 20.0)
 
