@@ -120,7 +120,7 @@ class StorageHandler:
         try:
             self.store.record_instance(Received(sop, study, series, str(event.request.AffectedSOPClassUID),
                                                 str(event.context.transfer_syntax), path, len(data), calling,
-                                                urgent))
+                                                urgent, str(event.assoc.requestor.address or "")))
         except StoreError as exc:
             if not existed:
                 path.unlink(missing_ok=True)  # not recorded: keep nothing, the sender retries

@@ -151,6 +151,7 @@ class Received:
     bytes: int
     calling_ae_title: str
     urgent: bool = False
+    address: str = ""  # the sender's IP address (audit trail)
 
 
 def utcnow() -> dt.datetime:
@@ -215,7 +216,9 @@ class Store:
                         study_instance_uid=item.study_instance_uid, state=StudyState.RECEIVING, instances=1,
                         first_received_at=now, last_received_at=now, urgent=item.urgent))
                     conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                                       kind="study-started", detail=item.calling_ae_title))
+                                                       kind="study-started",
+                                                       detail=f"from {item.calling_ae_title}"
+                                                       + (f" at {item.address}" if item.address else "")))
                 else:
                     values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
                     if item.urgent:
