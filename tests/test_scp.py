@@ -80,13 +80,13 @@ def test_a_caller_outside_the_allow_list_is_rejected_and_nothing_is_stored(node,
     assert not any((cfg.storage.root / "spool").rglob("*.dcm"))
 
 
-def _send(cfg: Config, ds: pydicom.Dataset) -> int:
+def _send(cfg: Config, ds: pydicom.Dataset, priority: int = 0) -> int:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
     assert assoc.is_established
     try:
-        status = assoc.send_c_store(ds)
+        status = assoc.send_c_store(ds, priority=priority)
     finally:
         assoc.release()
     return int(status.Status)
@@ -120,3 +120,29 @@ def test_an_interrupted_write_leaves_no_instance_and_the_sweep_removes_its_tempo
     assert not target.exists() and not list(tmp_path.rglob("*.tmp"))
     (tmp_path / "1.2" / "3.4" / ".5.6.dcm.dead.tmp").write_bytes(b"partial")
     assert sweep_partials(tmp_path) == 1 and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(("how", "urgent"), [("routine", False), ("c-store priority high", True),
+                                             ("requested procedure priority STAT", True),
+                                             ("reporting priority in request attributes", True)])
+def test_a_study_the_sender_marks_urgent_is_queued_ahead_of_routine_ones(node, tmp_path, how, urgent):
+    import datetime as dt
+
+    from node.config import TriageSettings
+    from node.store import utcnow
+    from node.triage import priority
+
+    cfg, store = node
+    ds = pydicom.dcmread(write_study(generate_study(65, pe=False, options=OPTS), tmp_path / "out")["ctpa"][0])
+    if how == "requested procedure priority STAT":
+        ds.RequestedProcedurePriority = "STAT"
+    elif how == "reporting priority in request attributes":
+        item = pydicom.Dataset()
+        item.ReportingPriority = "HIGH"
+        ds.RequestAttributesSequence = [item]
+    assert _send(cfg, ds, priority=1 if how == "c-store priority high" else 0) == SUCCESS
+    assert bool(store.study(ds.StudyInstanceUID)["urgent"]) == urgent
+    triage = TriageSettings()
+    store.complete_quiet_studies(utcnow() + dt.timedelta(minutes=5), 1, 900,
+                                 priority_of=lambda u: priority(triage, positive=None, urgent=u))
+    assert store.jobs_of(ds.StudyInstanceUID)[0]["priority"] == triage.pending + (triage.urgent_bonus if urgent else 0)
