@@ -173,3 +173,17 @@ def wait_for(node: Node, uids: list[str], seconds: float = 180, states=FINAL_STA
             return jobs
         assert time.monotonic() < deadline, jobs
         time.sleep(0.2)
+
+
+def start_listener(root: Path, *overrides: str, fsync: bool = True):
+    """The node's listener alone on a free loopback port with its store under ``root``; returns
+    (config, store, server); call ``server.shutdown()``."""
+    from node.config import load_config
+    from node.scp import start_scp
+    from node.store import Store, database_url
+
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={root}", "node.host=127.0.0.1",
+                                                   f"node.port={free_port()}", *overrides])
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(database_url(root))
+    return cfg, store, start_scp(cfg, store, fsync=fsync)

@@ -7,6 +7,7 @@ DCMTK storescu processes at the same time, a signal to a ``petriage serve`` proc
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,11 +21,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from conftest import free_port, require_tool
-from loopback import RecordingPacs, storescu, wait_for, write_config
+from loopback import RecordingPacs, start_listener, storescu, wait_for, write_config
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import PhantomOptions, generate_study, write_study
-from node.scp import OUT_OF_RESOURCES, start_scp
+from node.scp import OUT_OF_RESOURCES
 from node.store import JobState, Store, database_url
 
 SMALL = PhantomOptions(matrix=256, slices=64, slice_spacing_mm=4.5, min_embolus_mm=10.0,
@@ -81,12 +82,8 @@ def _send(port: int, ae_title: str, ds: pydicom.Dataset) -> int:
 
 
 def test_below_the_free_space_floor_c_store_answers_out_of_resources_and_writes_nothing(tmp_path):
-    free_mib = __import__("shutil").disk_usage(tmp_path).free // 2**20
-    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
-                                                   f"node.port={free_port()}", f"storage.min_free_mb={free_mib + 1}"])
-    (tmp_path / "var").mkdir()
-    store = Store(database_url(tmp_path / "var"))
-    server = start_scp(cfg, store)
+    free_mib = shutil.disk_usage(tmp_path).free // 2**20
+    cfg, store, server = start_listener(tmp_path / "var", f"storage.min_free_mb={free_mib + 1}")
     try:
         path = write_study(generate_study(5, pe=False, options=SMALL), tmp_path / "in")["ctpa"][0]
         ds = pydicom.dcmread(path)
@@ -99,10 +96,7 @@ def test_below_the_free_space_floor_c_store_answers_out_of_resources_and_writes_
 
 def test_eight_associations_sending_at_once_lose_nothing(tmp_path):
     options = PhantomOptions(matrix=128, slices=32, slice_spacing_mm=4.5)
-    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
-                                                   f"node.port={free_port()}", "node.max_associations=10"])
-    (tmp_path / "var").mkdir()
-    store = Store(database_url(tmp_path / "var"))
+    cfg, store, server = start_listener(tmp_path / "var", "node.max_associations=10")
     folders, uids = [], []
     for k in range(8):
         study = generate_study(950000 + k, pe=bool(k % 2), options=options)
@@ -110,7 +104,6 @@ def test_eight_associations_sending_at_once_lose_nothing(tmp_path):
         folders.append(tmp_path / f"in{k}")
         uids.append(study.identity.study_instance_uid)
     sent = {uid: sum(1 for _ in f.rglob("*.dcm")) for uid, f in zip(uids, folders, strict=True)}
-    server = start_scp(cfg, store)
     results: list[int] = []
     start = threading.Barrier(8)
 

@@ -13,12 +13,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from conftest import free_port, require_tool
-from loopback import RecordingPacs
-from node.config import Destination, load_config
+from loopback import RecordingPacs, start_listener
+from node.config import Destination
 from node.phantom import PhantomOptions, generate_study, write_study
-from node.scp import start_scp
 from node.scu import SendError, echo, send_files
-from node.store import Store, database_url, events
+from node.store import events
 
 OPTIONS = PhantomOptions(matrix=64, slices=4, slice_spacing_mm=4.5)
 
@@ -59,14 +58,9 @@ def _associate(port: int, tls: ssl.SSLContext | None, sop_class=Verification):
 
 @pytest.fixture
 def tls_node(tmp_path, pki):
-    port = free_port()
-    cfg = load_config(None, environ={}, overrides=[
-        f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={port}",
-        f"node.tls={{cert: {pki['node_crt']}, key: {pki['node_key']}, ca: {pki['ca_crt']}}}"])
-    (tmp_path / "var").mkdir()
-    store = Store(database_url(tmp_path / "var"))
-    server = start_scp(cfg, store)
-    yield port, store
+    cfg, store, server = start_listener(
+        tmp_path / "var", f"node.tls={{cert: {pki['node_crt']}, key: {pki['node_key']}, ca: {pki['ca_crt']}}}")
+    yield cfg.node.port, store
     server.shutdown()
 
 
@@ -111,14 +105,9 @@ def test_results_go_to_a_tls_destination_which_is_verified_against_its_ca(pki, t
 
 @pytest.mark.parametrize(("allowed", "accepted"), [("[10.0.0.0/8]", False), ("[127.0.0.0/8]", True), ("[]", True)])
 def test_the_source_ip_allow_list_closes_connections_from_other_addresses(tmp_path, allowed, accepted):
-    port = free_port()
-    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
-                                                   f"node.port={port}", f"node.allowed_source_ips={allowed}"])
-    (tmp_path / "var").mkdir()
-    store = Store(database_url(tmp_path / "var"))
-    server = start_scp(cfg, store)
+    cfg, store, server = start_listener(tmp_path / "var", f"node.allowed_source_ips={allowed}")
     try:
-        assoc = _associate(port, None)
+        assoc = _associate(cfg.node.port, None)
         assert assoc.is_established == accepted
         if accepted:
             assoc.release()
