@@ -99,12 +99,16 @@ def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, k
 
 
 def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
-    """A failed, skipped or cancelled job (or, with ``force``, a done one) runs again.
+    """A failed, skipped or cancelled job (or, with ``force``, a done one) runs again; a job waiting to
+    re-send (sending) is sent now instead of at its next backoff time.
 
     A job whose results were made but not delivered is sent again (state sending, due now, send
     attempts reset); any other is analysed again from its study's stored instances.
     """
     job = _job(store, job_id)
+    if job["state"] == JobState.SENDING:
+        return _change(store, job_id, (JobState.SENDING,), {"next_attempt_at": utcnow()}, "admin-retry",
+                       "sending now")
     allowed = (JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED) + ((JobState.DONE,) if force else ())
     if job["state"] == JobState.DONE and not force:
         raise AdminError(f"job {job_id} is done; --force analyses it again")
@@ -132,10 +136,11 @@ def set_priority(store: Store, job_id: int, priority: int) -> dict:
                    f"priority {job['priority']} -> {priority}")
 
 
-def requeue_failed(store: Store) -> list[int]:
+def requeue(store: Store, state: JobState = JobState.FAILED) -> list[int]:
+    """``retry`` every job in ``state`` (failed: run again; sending: send now)."""
     with store.engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.FAILED)
-                                          .order_by(jobs.c.id)).all()]
+        ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.state == state)
+                                          .order_by(jobs.c.priority.desc(), jobs.c.id)).all()]
     done = []
     for job_id in ids:
         try:

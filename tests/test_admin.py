@@ -100,7 +100,7 @@ def test_cancel_priority_and_requeue_change_only_jobs_in_states_that_allow_it(no
         _study(store, root, uid, at=now)
         _job(store, uid, JobState.FAILED, "association rejected", now)
     code, out, _ = _run(capsys, config, "queue", "requeue", "--failed")
-    assert code == 0 and "re-queued 2" in out
+    assert code == 0 and "re-queued: 2" in out
     assert all(store.jobs_of(u)[-1]["state"] == JobState.QUEUED for u in ("1.2.3.301", "1.2.3.302"))
 
     assert _run(capsys, config, "queue", "show", "999")[0] == 1  # no such job: exit 1 with a message
@@ -148,3 +148,21 @@ def test_admin_commands_on_a_missing_store_say_so_with_exit_code_1(tmp_path, cap
     config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "nowhere")}}))
     code, _, err = _run(capsys, config, "queue", "list")
     assert code == 1 and "no node store" in err
+
+
+def test_results_waiting_to_resend_can_be_sent_now_when_the_pacs_is_back(node_store, capsys):
+    config, store = node_store
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    now = utcnow()
+    _study(store, root, "1.2.6.1", at=now)
+    store.complete_quiet_studies(now + dt.timedelta(seconds=60), 1, 900)
+    job = store.claim_job("w", 60, now + dt.timedelta(seconds=61))
+    assert job is not None
+    later = utcnow() + dt.timedelta(hours=1)
+    store.retry_later(job["id"], "w", later, "send attempt 9 failed", now + dt.timedelta(seconds=62))
+    assert store.claim_job("w2", 60, utcnow()) is None  # not due for an hour
+
+    code, out, _ = _run(capsys, config, "queue", "requeue", "--sending")
+    assert code == 0 and f"sending now: 1 job(s) ({job['id']})" in out
+    assert store.claim_job("w2", 60, utcnow() + dt.timedelta(seconds=1))["id"] == job["id"]  # due now
+    assert _run(capsys, config, "queue", "requeue")[0] == 2  # which jobs? says so, exit 2

@@ -62,17 +62,21 @@ def _short(uid: str) -> str:
     return "…" + uid[-12:] if len(uid) > 13 else uid
 
 
-def _jobs_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for name in ("job", "study", "state", "priority", "probability", "attempts", "age", "reason"):
-        table.add_column(name, overflow="fold" if name == "reason" else "ellipsis", no_wrap=name != "reason")
+STATE_COLOURS = {"failed": "red", "skipped": "yellow", "done": "green", "running": "cyan", "sending": "magenta"}
+
+
+def _print_jobs(rows: list[dict], title: str) -> None:
+    """Two lines per job (the reason gets a line of its own, readable at any terminal width)."""
+    out.print(f"[bold]{title}[/bold]")
     for r in rows:
         p = r.get("probability")
-        colour = {"failed": "red", "skipped": "yellow", "done": "green", "running": "cyan"}.get(r["state"], "")
-        table.add_row(str(r["id"]), _short(r["study_instance_uid"]), f"[{colour}]{r['state']}[/{colour}]"
-                      if colour else r["state"], str(r["priority"]), "-" if p is None else f"{p:.3f}",
-                      str(r["attempts"]), _age(r["age_seconds"]), r.get("reason") or "")
-    return table
+        colour = STATE_COLOURS.get(r["state"], "white")
+        probability = "-" if p is None else f"{p:.3f}"
+        out.print(f"job {r['id']:<5} [{colour}]{r['state']:<9}[/{colour}] priority {r['priority']:<5} "
+                  f"p {probability:<6} attempts {r['attempts']:<3} age {_age(r['age_seconds']):<6} "
+                  f"study {_short(r['study_instance_uid'])}", highlight=False, soft_wrap=True)
+        if r.get("reason"):
+            out.print(f"          {r['reason']}", highlight=False, soft_wrap=True)
 
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -95,7 +99,7 @@ def queue_list(ctx: typer.Context,
     if as_json:
         _json(rows)
         return
-    out.print(_jobs_table(rows, f"{len(rows)} job(s)" + (f" in {', '.join(state)}" if state else "")))
+    _print_jobs(rows, f"{len(rows)} job(s)" + (f" in {', '.join(state)}" if state else "") + ", most urgent first")
 
 
 @queue_app.command("show")
@@ -114,7 +118,7 @@ def queue_show(ctx: typer.Context,
         return
     study = store.study(uid) or {}
     out.print(f"[bold]study[/bold] {uid}  ({study.get('instances', '?')} instances, "
-              f"{'urgent' if study.get('urgent') else 'routine'})", highlight=False)
+              f"{'urgent' if study.get('urgent') else 'routine'})", highlight=False, soft_wrap=True)
     for job in found:
         out.print(f"job {job['id']}: [bold]{job['state']}[/bold], priority {job['priority']}, attempt(s) "
                   f"{job['attempts']}, created {job['created_at']:%Y-%m-%d %H:%M:%S} UTC - {job.get('reason') or ''}",
@@ -123,17 +127,14 @@ def queue_show(ctx: typer.Context,
             result = json.loads(job["result"])
             series = result.get("series", {})
             out.print(f"job {job['id']}: {result['decision']}, probability {result['probability']:.3f} "
-                      f"(threshold {result['threshold']}); series {series.get('description') or '?'}: "
+                      f"(threshold {result['threshold']:.3f}); series {series.get('description') or '?'}: "
                       f"{series.get('reason', '')}", highlight=False, soft_wrap=True)
     for n in notes:
         out.print(f"notification {n['id']} {n['channel']}: {n['state']} after {n['attempts']} attempt(s) "
                   f"{n.get('reason') or ''}", highlight=False, soft_wrap=True)
-    table = Table(title="timeline", title_justify="left")
-    for name in ("at (UTC)", "event", "detail"):
-        table.add_column(name, overflow="fold")
+    out.print("[bold]timeline[/bold] (UTC)")
     for e in events:
-        table.add_row(f"{e['at']:%Y-%m-%d %H:%M:%S}", e["kind"], e["detail"])
-    out.print(table)
+        out.print(f"{e['at']:%Y-%m-%d %H:%M:%S}  {e['kind']:<15} {e['detail']}", highlight=False, soft_wrap=True)
 
 
 JobId = Annotated[int, typer.Argument(help="Job number (petriage queue list).")]
@@ -142,7 +143,8 @@ JobId = Annotated[int, typer.Argument(help="Job number (petriage queue list).")]
 @queue_app.command("retry")
 def queue_retry(ctx: typer.Context, job: JobId,
                 force: Annotated[bool, typer.Option(help="Also analyse a done job again.")] = False) -> None:
-    """Run a failed, skipped or cancelled job again (send again if its results exist, else analyse again)."""
+    """Run a failed, skipped or cancelled job again (send again if its results exist, else analyse
+    again); a job waiting to re-send is sent now."""
     row = admin.retry(_store(ctx), job, force=force)
     out.print(f"job {job}: {row['state']} ({row['reason']})")
 
@@ -165,12 +167,17 @@ def queue_priority(ctx: typer.Context, job: JobId,
 
 @queue_app.command("requeue")
 def queue_requeue(ctx: typer.Context,
-                  failed: Annotated[bool, typer.Option("--failed", help="Every failed job.")] = False) -> None:
-    """Run every failed job again."""
-    if not failed:
-        raise typer.BadParameter("say which jobs: --failed")
-    ids = admin.requeue_failed(_store(ctx))
-    out.print(f"re-queued {len(ids)} failed job(s)" + (f": {', '.join(map(str, ids))}" if ids else ""))
+                  failed: Annotated[bool, typer.Option("--failed", help="Every failed job: run it again.")] = False,
+                  sending: Annotated[bool, typer.Option("--sending", help="Every job waiting to re-send: send "
+                                                        "now (the PACS is back).")] = False) -> None:
+    """Run every failed job again, or send every waiting result now."""
+    from node.store import JobState
+
+    if failed == sending:
+        raise typer.BadParameter("say which jobs: --failed or --sending")
+    ids = admin.requeue(_store(ctx), JobState.FAILED if failed else JobState.SENDING)
+    what = "re-queued" if failed else "sending now"
+    out.print(f"{what}: {len(ids)} job(s)" + (f" ({', '.join(map(str, ids))})" if ids else ""))
 
 
 def _duration(text: str) -> dt.timedelta:
