@@ -360,14 +360,15 @@ class Store:
                                                    detail=f"job {job_id}: {channel}"))
             return True
 
-    def mark_delivered(self, job_id: int, destination: str, now: dt.datetime) -> None:
+    def mark_delivered(self, job_id: int, destination: str, now: dt.datetime, what: str = "") -> None:
+        """Record that ``destination`` took every result object of the job (``what``: which, for the audit trail)."""
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs.c.delivered, jobs.c.study_instance_uid).where(jobs.c.id == job_id)).one()
             delivered = sorted(set(json.loads(row.delivered or "[]")) | {destination})
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(delivered=json.dumps(delivered),
                                                                          updated_at=now))
             conn.execute(insert(events).values(at=now, study_instance_uid=row.study_instance_uid, kind="delivered",
-                                               detail=f"job {job_id} to {destination}"))
+                                               detail=f"job {job_id} to {destination}" + (f": {what}" if what else "")))
 
     def retry_later(self, job_id: int, owner: str, when: dt.datetime, reason: str, now: dt.datetime) -> bool:
         """Give the lease back; the job is claimable again (state sending) from ``when``."""

@@ -171,8 +171,11 @@ class Worker:
                 log.warning("job %d: cancelled or taken over before sending to %s", job_id, dest.name)
                 return {"id": job_id, "study_instance_uid": uid, "state": "lost", "reason": "lease lost"}
             try:
-                send_files(files, dest, calling_ae_title=self.ae_title, priority=HIGH if urgent else MEDIUM)
-                self.store.mark_delivered(job_id, dest.name, self.clock())
+                acknowledged = send_files(files, dest, calling_ae_title=self.ae_title,
+                                          priority=HIGH if urgent else MEDIUM)
+                self.store.mark_delivered(job_id, dest.name, self.clock(),
+                                          f"{len(acknowledged)} objects ({dest.ae_title}@{dest.host}:{dest.port}, "
+                                          f"priority {'HIGH' if urgent else 'MEDIUM'}): " + ", ".join(acknowledged))
                 delivered.add(dest.name)
             except (SendError, OSError) as exc:
                 problems.append(str(exc))
