@@ -166,3 +166,34 @@ def test_results_waiting_to_resend_can_be_sent_now_when_the_pacs_is_back(node_st
     assert code == 0 and f"sending now: 1 job(s) ({job['id']})" in out
     assert store.claim_job("w2", 60, utcnow() + dt.timedelta(seconds=1))["id"] == job["id"]  # due now
     assert _run(capsys, config, "queue", "requeue")[0] == 2  # which jobs? says so, exit 2
+
+
+def test_echo_and_send_reach_a_destination_and_say_so_when_they_cannot(tmp_path, capsys):
+    from conftest import free_port
+    from loopback import RecordingPacs
+    from node.phantom import PhantomOptions, generate_study, write_study
+
+    pacs = RecordingPacs().start(free_port())
+    dead = free_port()
+    config = tmp_path / "petriage.yaml"
+    config.write_text(yaml.safe_dump({"destinations": [
+        {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port},
+        {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": dead}]}))
+    files = write_study(generate_study(5, pe=False, options=PhantomOptions(matrix=64, slices=4)), tmp_path / "in")
+    try:
+        code, out, _ = _run(capsys, config, "echo", "pacs")
+        assert code == 0 and "C-ECHO success" in out
+        code, _, err = _run(capsys, config, "echo", "down")
+        assert code == 1 and "association failed" in err
+        code, _, err = _run(capsys, config, "echo", "nowhere")
+        assert code == 1 and "no destination 'nowhere'" in err
+        adhoc = f"{pacs.ae_title}@127.0.0.1:{pacs.port}"  # a peer not in the config
+        code, out, _ = _run(capsys, config, "send", str(tmp_path / "in"), "--to", adhoc)
+        n = sum(len(v) for v in files.values())
+        assert code == 0 and f"{n} of {n} instance(s) stored" in out
+        (tmp_path / "notes.txt").write_text("not DICOM")
+        code, _, err = _run(capsys, config, "send", str(tmp_path / "notes.txt"), "--to", "pacs")
+        assert code == 1 and "not a readable DICOM file" in err
+    finally:
+        pacs.stop()
+    assert len({s.sop_instance_uid for s in pacs.received}) == n
