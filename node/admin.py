@@ -56,14 +56,15 @@ def list_jobs(store: Store, states: list[str] | None = None, limit: int = 200,
         return [_job_row(r, now) for r in conn.execute(query).all()]
 
 
-def find_jobs(store: Store, ref: str, now: dt.datetime | None = None) -> list[dict]:
-    """The job with id ``ref``, or every job of the study whose UID is ``ref`` (or ends with it, 6+ chars)."""
+def find(store: Store, ref: str, now: dt.datetime | None = None) -> tuple[str, list[dict]]:
+    """(StudyInstanceUID, its jobs) for job number ``ref``, or for the study whose UID is ``ref`` or ends
+    with it (6+ characters); a study still being received has no job yet."""
     now = now or utcnow()
     with store.engine.connect() as conn:
         if ref.isdigit():
-            rows = conn.execute(select(jobs).where(jobs.c.id == int(ref))).all()
-            if rows:
-                return [_job_row(r, now) for r in rows]
+            row = conn.execute(select(jobs).where(jobs.c.id == int(ref))).first()
+            if row is not None:
+                return str(row.study_instance_uid), [_job_row(row, now)]
         if len(ref) >= 6:
             uids = [r[0] for r in conn.execute(select(studies.c.study_instance_uid).where(
                 (studies.c.study_instance_uid == ref) | studies.c.study_instance_uid.like(f"%{ref}"))).all()]
@@ -72,7 +73,7 @@ def find_jobs(store: Store, ref: str, now: dt.datetime | None = None) -> list[di
             if uids:
                 rows = conn.execute(select(jobs).where(jobs.c.study_instance_uid == uids[0])
                                     .order_by(jobs.c.id)).all()
-                return [_job_row(r, now) for r in rows]
+                return uids[0], [_job_row(r, now) for r in rows]
     raise AdminError(f"no job or study {ref!r}")
 
 

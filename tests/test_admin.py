@@ -104,6 +104,9 @@ def test_cancel_priority_and_requeue_change_only_jobs_in_states_that_allow_it(no
     assert all(store.jobs_of(u)[-1]["state"] == JobState.QUEUED for u in ("1.2.3.301", "1.2.3.302"))
 
     assert _run(capsys, config, "queue", "show", "999")[0] == 1  # no such job: exit 1 with a message
+    _study(store, root, "1.2.3.400", at=now)  # still being received: no job yet, but it can be looked at
+    code, out, _ = _run(capsys, config, "queue", "show", "1.2.3.400")
+    assert code == 0 and "receiving" in out and "no job yet" in out and "study-started" in out
     assert _run(capsys, config, "queue", "list", "--state", "exploded")[0] == 2  # bad usage: exit 2
 
 

@@ -108,8 +108,7 @@ def queue_show(ctx: typer.Context,
                as_json: AsJson = False) -> None:
     """A job (or every job of a study), its result and its timeline from the event log."""
     store = _store(ctx)
-    found = admin.find_jobs(store, ref)
-    uid = found[0]["study_instance_uid"]
+    uid, found = admin.find(store, ref)
     events = admin.timeline(store, uid)
     notes = store.notifications_of(uid)
     if as_json:
@@ -117,8 +116,10 @@ def queue_show(ctx: typer.Context,
             {k: v for k, v in n.items() if k != "payload"} for n in notes], "events": events})
         return
     study = store.study(uid) or {}
-    out.print(f"[bold]study[/bold] {uid}  ({study.get('instances', '?')} instances, "
+    out.print(f"[bold]study[/bold] {uid}  ({study.get('instances', '?')} instances, {study.get('state', '?')}, "
               f"{'urgent' if study.get('urgent') else 'routine'})", highlight=False, soft_wrap=True)
+    if not found:
+        out.print("no job yet: the study is complete after study.quiet_seconds without a new instance")
     for job in found:
         out.print(f"job {job['id']}: [bold]{job['state']}[/bold], priority {job['priority']}, attempt(s) "
                   f"{job['attempts']}, created {job['created_at']:%Y-%m-%d %H:%M:%S} UTC - {job.get('reason') or ''}",
