@@ -87,7 +87,7 @@ def queue_list(ctx: typer.Context,
                state: Annotated[list[str] | None, typer.Option("--state", "-s", help="Only jobs in this state "
                                                                "(repeatable): queued, running, sending, done, "
                                                                "skipped, failed, cancelled.")] = None,
-               limit: Annotated[int, typer.Option(help="At most this many rows.")] = 200,
+               limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 200,
                as_json: AsJson = False) -> None:
     """Jobs, most urgent first."""
     from node.store import JobState
@@ -206,7 +206,7 @@ def queue_purge(ctx: typer.Context,
 
 
 def worklist_cmd(ctx: typer.Context, as_json: AsJson = False,
-                 limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50) -> None:
+                 limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 50) -> None:
     """Studies in reading order: PE suspected first (most probable first), then pending, then the rest."""
     rows = admin.worklist(_store(ctx), limit=limit)
     if as_json:
