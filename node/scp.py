@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import socketserver
 import ssl
+import threading
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -34,6 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
 from node.errors import NodeError
@@ -185,6 +188,20 @@ class SourceFilter:
         return False
 
 
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, made with ``AE.make_server`` so that the source-IP filter is in place
+    before it accepts anything, and served by a thread of ours (hence our own ``shutdown``)."""
+
+    source_filter: SourceFilter | None = None
+
+    def verify_request(self, request, client_address) -> bool:  # socketserver's hook, before any DICOM
+        return self.source_filter is None or self.source_filter(request, client_address)
+
+    def shutdown(self) -> None:
+        socketserver.TCPServer.shutdown(self)
+        self.server_close()
+
+
 def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None):
     """Start listening on ``node.host:node.port`` in a background thread; returns the server
     (``shutdown()`` stops it)."""
@@ -199,8 +216,12 @@ def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Ca
         raise NodeError(f"node.tls: cannot load the certificate or key: {exc}") from exc
     log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.host, config.node.port,
              " (DICOM TLS)" if tls else "")
-    server = ae.start_server((config.node.host, config.node.port), block=False, ssl_context=tls,
-                             evt_handlers=handlers)
-    assert server is not None  # block=False always returns the server
-    server.verify_request = SourceFilter(config.node.allowed_source_ips, store)  # type: ignore[method-assign]
+    try:
+        server = ae.make_server((config.node.host, config.node.port), ssl_context=tls, evt_handlers=handlers,
+                                server_class=ListenerServer)
+    except OSError as exc:
+        raise NodeError(f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror or exc}") from exc
+    assert isinstance(server, ListenerServer)
+    server.source_filter = SourceFilter(config.node.allowed_source_ips, store)  # before the first connection
+    threading.Thread(target=server.serve_forever, name=f"petriage-listener:{config.node.port}", daemon=True).start()
     return server
