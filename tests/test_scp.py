@@ -146,3 +146,11 @@ def test_a_study_the_sender_marks_urgent_is_queued_ahead_of_routine_ones(node, t
     store.complete_quiet_studies(utcnow() + dt.timedelta(minutes=5), 1, 900,
                                  priority_of=lambda u: priority(triage, positive=None, urgent=u))
     assert store.jobs_of(ds.StudyInstanceUID)[0]["priority"] == triage.pending + (triage.urgent_bonus if urgent else 0)
+
+
+def test_a_port_already_in_use_is_a_clear_error_not_a_traceback(node):
+    from node.errors import NodeError
+
+    cfg, store = node
+    with pytest.raises(NodeError, match=f"cannot listen on 127.0.0.1:{cfg.node.port}"):
+        start_scp(cfg, store)
