@@ -30,6 +30,8 @@ from node.series import SeriesIndex, iter_hu
 log = logging.getLogger(__name__)
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+#: On every result the node makes: report, key images, summary, HL7 message, webhook.
+NOTICE = "AI triage aid - not for diagnostic use"
 Progress = Callable[[int, int], None]
 
 
@@ -80,7 +82,7 @@ class StudyResult:
                             "peak_row_column": [round(k.peak_row, 1), round(k.peak_column, 1)]}
                            for k in self.key_slices],
             "model": self.model, "seconds": round(self.seconds, 3),
-            "notice": "AI triage aid - not for diagnostic use",
+            "notice": NOTICE,
         }
 
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
-from node.store import JobState, Store, events, jobs, naive_utc, notifications, studies, utcnow
+from node.store import JobState, Store, events, jobs, naive_utc, studies, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,8 @@ class StoreCollector:
         self.store = store
 
     def collect(self):
-        now = utcnow()
+        summary = self.store.queue_summary(utcnow())
         with self.store.engine.connect() as conn:
-            by_state = dict(conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
-            oldest = conn.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED)).scalar()
-            notes = conn.execute(select(notifications.c.channel, notifications.c.state, func.count())
-                                 .group_by(notifications.c.channel, notifications.c.state)).all()
             retries = conn.execute(select(func.count()).select_from(events).where(events.c.kind == "send-retry")
                                    ).scalar_one()
             failed_sending = conn.execute(select(func.count()).select_from(jobs).where(
@@ -63,14 +59,14 @@ class StoreCollector:
                                 .join(studies, studies.c.study_instance_uid == jobs.c.study_instance_uid)
                                 .where(jobs.c.state == JobState.DONE).order_by(jobs.c.id.desc()).limit(WINDOW)).all()
         depth = GaugeMetricFamily("petriage_queue_jobs", "Jobs by state.", labels=["state"])
-        for state in JobState:
-            depth.add_metric([str(state)], float(by_state.get(str(state), 0)))
+        for state, count in summary["jobs"].items():
+            depth.add_metric([state], float(count))
         yield depth
-        age = (naive_utc(now) - naive_utc(oldest)).total_seconds() if oldest is not None else 0.0
-        yield GaugeMetricFamily("petriage_oldest_queued_job_age_seconds", "Age of the oldest queued job.", value=age)
+        yield GaugeMetricFamily("petriage_oldest_queued_job_age_seconds", "Age of the oldest queued job.",
+                                value=summary["oldest_queued_age_seconds"] or 0.0)
         family = GaugeMetricFamily("petriage_notifications", "Notifications by channel and state.",
                                    labels=["channel", "state"])
-        for channel, state, count in notes:
+        for (channel, state), count in summary["notifications"].items():
             family.add_metric([channel, state], float(count))
         yield family
         yield CounterMetricFamily("petriage_send_failures", "Failed sends of results to destinations.",

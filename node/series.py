@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels import iter_pixels, pixel_array
 
 from node.errors import NodeError
 from node.frames import frames
@@ -173,10 +173,36 @@ def source_slice(index: SeriesIndex, i: int, header: pydicom.Dataset | None = No
                        slice_hu(index, i), index.pixel_spacing_mm)
 
 
+def _batch_pixels(index: SeriesIndex, lo: int, hi: int) -> list[np.ndarray]:
+    """Stored values of slices ``lo``..``hi``. The frames a batch needs from one multi-frame file are
+    decoded in one pass over it (``iter_pixels``), not one header parse per frame."""
+    out: list[np.ndarray | None] = [None] * (hi - lo)
+    frames_of: dict[Path, list[int]] = {}
+    for i in range(lo, hi):
+        if index.frame_numbers[i] is None:
+            out[i - lo] = _pixels(index.paths[i], None, index.shape)
+        else:
+            frames_of.setdefault(index.paths[i], []).append(i)
+    for path, slices in frames_of.items():
+        try:
+            decoded = list(iter_pixels(path, indices=[int(index.frame_numbers[i] or 0) - 1 for i in slices]))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, named
+            raise SeriesError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
+        for i, pixels in zip(slices, decoded, strict=True):
+            if pixels.shape != index.shape:
+                raise SeriesError(f"{path.name} frame {index.frame_numbers[i]}: pixel data is {pixels.shape}, "
+                                  f"header says {index.shape}")
+            out[i - lo] = pixels
+    return [p for p in out if p is not None]
+
+
 def iter_hu(index: SeriesIndex, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first slice number, HU array (n, rows, columns)) in head-first order, ``batch`` at a time."""
     for lo in range(0, len(index), batch):
-        yield lo, np.stack([slice_hu(index, i) for i in range(lo, min(len(index), lo + batch))])
+        hi = min(len(index), lo + batch)
+        pixels = np.stack(_batch_pixels(index, lo, hi)).astype(np.float32)
+        yield lo, (pixels * index.slopes[lo:hi, None, None].astype(np.float32)
+                   + index.intercepts[lo:hi, None, None].astype(np.float32))
 
 
 def read_volume(paths: Sequence[Path]) -> Volume:

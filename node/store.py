@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     select,
     update,
@@ -453,6 +454,19 @@ class Store:
             rows = conn.execute(select(notifications).where(
                 notifications.c.study_instance_uid == study_instance_uid).order_by(notifications.c.id)).all()
         return [dict(r._mapping) for r in rows]
+
+    def queue_summary(self, now: dt.datetime) -> dict:
+        """Jobs by state (every state, 0 when none), the oldest queued job's age in seconds (None when none)
+        and notifications by (channel, state): what ``petriage status`` and the metrics report."""
+        with self.engine.connect() as conn:
+            depth: dict[str, int] = {str(s): int(n) for s, n in conn.execute(
+                select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()}
+            oldest = conn.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED)).scalar()
+            notes = conn.execute(select(notifications.c.channel, notifications.c.state, func.count())
+                                 .group_by(notifications.c.channel, notifications.c.state)).all()
+        return {"jobs": {str(state): int(depth.get(str(state), 0)) for state in JobState},
+                "oldest_queued_age_seconds": (naive_utc(now) - naive_utc(oldest)).total_seconds() if oldest else None,
+                "notifications": {(channel, state): int(count) for channel, state, count in notes}}
 
     # ------------------------------------------------------------------ heartbeats and audit
     def beat(self, component: str, host: str, pid: int, now: dt.datetime, detail: dict | None = None) -> None:

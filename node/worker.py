@@ -32,8 +32,9 @@ from node.triage import priority as triage_priority
 log = logging.getLogger(__name__)
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """The lease owner name of the worker process ``pid`` (this process by default) on this host."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 #: Send retries: 5 s, 10 s, 20 s ... capped at an hour; after this many attempts the job fails.
@@ -98,7 +99,8 @@ class Worker:
             reason = f"{summary['decision']}, probability {summary['probability']:.3f}"
             outbox = None
             if self.outbox_root is not None and self.destinations:
-                outbox = self._write_outputs(job_id, analysis, index)
+                outbox = self._write_outputs(job_id, analysis, index, dict(zip(choice.paths, choice.headers,
+                                                                              strict=False)))
             notes = self._notifications(choice.headers[0] if choice.headers else None, summary, uid, priority)
             if not self.store.set_outputs(job_id, self.owner, str(outbox) if outbox else None, result, self.clock(),
                                           priority=priority, notify=notes):
@@ -137,8 +139,8 @@ class Worker:
             notes.append(("webhook", build_payload(source, summary, priority)))
         return notes
 
-    def _write_outputs(self, job_id: int, analysis, index: SeriesIndex) -> Path:
-        """SR + SC into the outbox; ``index`` is the analysed series."""
+    def _write_outputs(self, job_id: int, analysis, index: SeriesIndex, headers: dict) -> Path:
+        """SR + SC into the outbox; ``index`` is the analysed series, ``headers`` its files' headers by path."""
         from node.outputs.sc import make_sc_series
         from node.outputs.sr import make_sr
         from node.spool import write_atomic
@@ -146,7 +148,7 @@ class Worker:
         assert self.outbox_root is not None
         manifest = self.engine.bundle.manifest
         sha = self.engine.stage1_file.sha256
-        sources = [source_slice(index, k.index) for k in analysis.key_slices]
+        sources = [source_slice(index, k.index, headers.get(index.paths[k.index])) for k in analysis.key_slices]
         objects = [make_sr(analysis, [s.dataset for s in sources], model_sha256=sha),
                    *make_sc_series(analysis, sources, model_sha256=sha, spec=manifest.spec(),
                                    cam_stride=manifest.cam_stride)]
@@ -197,8 +199,7 @@ class Worker:
     def beat(self, every_seconds: float = 5.0) -> None:
         """Tell the store this worker is alive (``petriage status`` reads it), at most every few seconds."""
         if time.monotonic() - self._last_beat >= every_seconds:
-            host, _, pid = self.owner.rpartition(":")
-            self.store.beat("worker", host, int(pid) if pid.isdigit() else os.getpid(), self.clock(),
+            self.store.beat("worker", socket.gethostname(), os.getpid(), self.clock(),
                             self.engine.describe() | {"owner": self.owner})
             self._last_beat = time.monotonic()
 

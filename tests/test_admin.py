@@ -14,12 +14,13 @@ from node.store import JobState, Received, Store, database_url, utcnow
 
 
 @pytest.fixture
-def node_store(tmp_path) -> tuple[Path, Store]:
+def node_store(tmp_path) -> tuple[Path, Store, Path]:
+    """(config file, store, storage root)."""
     root = tmp_path / "var"
     root.mkdir()
     config = tmp_path / "petriage.yaml"
     config.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "metrics": {"port": 0}}))
-    return config, Store(database_url(root))
+    return config, Store(database_url(root)), root
 
 
 def _study(store: Store, root: Path, uid: str, n: int = 3, at: dt.datetime | None = None) -> list[Path]:
@@ -57,8 +58,7 @@ def _result(p: float) -> dict:
 
 
 def test_an_admin_finds_why_a_study_failed_retries_it_and_sees_it_queued_again(node_store, capsys):
-    config, store = node_store
-    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    config, store, root = node_store
     now = utcnow()
     _study(store, root, "1.2.3.100", at=now)
     failed = _job(store, "1.2.3.100", JobState.FAILED, "2 of 3 spooled files are missing (e.g. 1.dcm)", now)
@@ -82,8 +82,7 @@ def test_an_admin_finds_why_a_study_failed_retries_it_and_sees_it_queued_again(n
 
 
 def test_cancel_priority_and_requeue_change_only_jobs_in_states_that_allow_it(node_store, capsys):
-    config, store = node_store
-    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    config, store, root = node_store
     now = utcnow()
     _study(store, root, "1.2.3.200", at=now)
     store.complete_quiet_studies(now + dt.timedelta(seconds=60), 1, 900)
@@ -111,8 +110,7 @@ def test_cancel_priority_and_requeue_change_only_jobs_in_states_that_allow_it(no
 
 
 def test_the_worklist_lists_pe_positive_first_by_probability_then_pending_then_negative(node_store, capsys):
-    config, store = node_store
-    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    config, store, root = node_store
     now = utcnow()
     for uid, p, priority in (("1.2.4.1", 0.02, 2), ("1.2.4.2", 0.91, 1091), ("1.2.4.3", 0.97, 1097)):
         _study(store, root, uid, at=now)
@@ -128,8 +126,7 @@ def test_the_worklist_lists_pe_positive_first_by_probability_then_pending_then_n
 
 
 def test_purge_deletes_old_finished_studies_with_their_files_and_keeps_the_audit_trail(node_store, capsys):
-    config, store = node_store
-    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    config, store, root = node_store
     old = utcnow() - dt.timedelta(days=40)
     old_files = _study(store, root, "1.2.5.1", at=old)
     _job(store, "1.2.5.1", JobState.DONE, "analysed", old, _result(0.1))
@@ -154,8 +151,7 @@ def test_admin_commands_on_a_missing_store_say_so_with_exit_code_1(tmp_path, cap
 
 
 def test_results_waiting_to_resend_can_be_sent_now_when_the_pacs_is_back(node_store, capsys):
-    config, store = node_store
-    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    config, store, root = node_store
     now = utcnow()
     _study(store, root, "1.2.6.1", at=now)
     store.complete_quiet_studies(now + dt.timedelta(seconds=60), 1, 900)

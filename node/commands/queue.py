@@ -249,9 +249,7 @@ def _listening(host: str, port: int) -> bool:
 
 def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Is the node healthy? Listener, worker, queue, disk, model. Exit code 1 when something is down."""
-    from sqlalchemy import func, select
-
-    from node.store import JobState, jobs, naive_utc, notifications, utcnow
+    from node.store import naive_utc, utcnow
 
     cfg: Config = ctx.obj.config
     store = _store(ctx)
@@ -261,10 +259,10 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
     def beat_age(name: str) -> float | None:
         return (naive_utc(now) - naive_utc(beats[name]["at"])).total_seconds() if name in beats else None
 
-    with store.engine.connect() as conn:
-        depth = dict(conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
-        oldest = conn.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED)).scalar()
-        notes = dict(conn.execute(select(notifications.c.state, func.count()).group_by(notifications.c.state)).all())
+    summary = store.queue_summary(now)
+    notes: dict[str, int] = {}
+    for (_, state), count in summary["notifications"].items():
+        notes[state] = notes.get(state, 0) + count
     usage = shutil.disk_usage(cfg.storage.root)
     listener_age, worker_age = beat_age("listener"), beat_age("worker")
     listening = _listening(cfg.node.host, cfg.node.port)
@@ -277,8 +275,7 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
         "listener": {"ok": listener_ok, "accepting_connections": listening, "heartbeat_age_seconds": listener_age,
                      "ae_title": cfg.node.ae_title, "port": cfg.node.port},
         "worker": {"ok": worker_ok, "heartbeat_age_seconds": worker_age, "owner": model.get("owner")},
-        "queue": {str(s): int(depth.get(str(s), 0)) for s in JobState}
-        | {"oldest_queued_age_seconds": (naive_utc(now) - naive_utc(oldest)).total_seconds() if oldest else None},
+        "queue": summary["jobs"] | {"oldest_queued_age_seconds": summary["oldest_queued_age_seconds"]},
         "notifications": notes,
         "disk": {"ok": disk_ok, "free_mib": usage.free // 2**20, "floor_mib": cfg.storage.min_free_mb,
                  "path": str(cfg.storage.root)},

@@ -104,9 +104,10 @@ class Node:
     def _release(self, proc) -> None:
         """Put the job a dead or killed worker held back in the queue at once (not after its lease)."""
         from node.store import utcnow
+        from node.worker import worker_name
 
-        owner = f"{socket.gethostname()}:{proc.pid}"
-        released = self.store.release_leases(owner, utcnow(), f"worker {proc.pid} stopped mid-job; re-queued")
+        released = self.store.release_leases(worker_name(proc.pid), utcnow(),
+                                             f"worker {proc.pid} stopped mid-job; re-queued")
         if released:
             log.warning("re-queued job(s) %s held by worker %d", ", ".join(map(str, released)), proc.pid)
 

@@ -28,9 +28,9 @@ from hl7apy.parser import parse_message
 
 from node.config import HL7Settings
 from node.errors import NodeError
+from node.inference import NOTICE
 
 START, END = b"\x0b", b"\x1c\x0d"
-NOTICE = "AI triage aid - not for diagnostic use"
 
 
 class HL7Error(NodeError):

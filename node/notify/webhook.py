@@ -15,8 +15,7 @@ import urllib.request
 import pydicom
 
 from node.errors import NodeError
-
-NOTICE = "AI triage aid - not for diagnostic use"
+from node.inference import NOTICE
 
 
 class WebhookError(NodeError):

@@ -18,14 +18,13 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
-from node.inference import StudyResult
+from node.inference import NOTICE, StudyResult
 from node.outputs import OutputError
 from node.outputs.uids import output_uid
 from node.preprocess import PreprocessSpec, input_to_pixel
 from node.series import SourceSlice
 
 SERIES_NUMBER = 9901
-NOTICE = "AI triage aid - not for diagnostic use"
 WINDOW = (100.0, 700.0)
 
 

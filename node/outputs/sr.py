@@ -24,7 +24,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from node.inference import StudyResult
+from node.inference import NOTICE, StudyResult
 from node.outputs import OutputError
 from node.outputs.uids import output_uid
 
@@ -34,7 +34,6 @@ PE_PROBABILITY = Code("PE-PROB", PRIVATE_SCHEME, "Probability of pulmonary embol
 SLICE_PROBABILITY = Code("PE-SLICE-PROB", PRIVATE_SCHEME, "Slice probability of pulmonary embolism")
 UNITLESS = Code("1", "UCUM", "no units")
 SERIES_NUMBER = 9902
-NOTICE = "AI triage aid - not for diagnostic use"
 
 
 def _scheme() -> pydicom.Dataset:
