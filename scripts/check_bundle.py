@@ -1,29 +1,48 @@
-"""Run a model bundle through the node's engine on fresh phantom studies it never saw; print the AUC.
+"""Run a model bundle through the node's engine on phantom studies it never saw; report each test apart.
 
-    .venv/bin/python scripts/check_bundle.py [--bundle models/demo] [--studies 40] [--seed 900001] \
-        [--out var/check-bundle]
+    .venv/bin/python scripts/check_bundle.py --bundle models/demo \\
+        --test in-distribution=data/varied:runs/demo/splits.json \\
+        --test shifted=data/shifted --out var/check-bundle
 
-The studies are drawn like the demo training set (``--matrix 256 --slices 64 --slice-spacing 4.5
---min-embolus-mm 10 --embolus-levels central,lobar``; change with the options) from seeds that the
-training set did not use, written as DICOM, and analysed from the files by ``node.inference.Engine``
-exactly as ``petriage analyze`` would. Prints each study's probability and decision, the AUC with a
-95 % bootstrap interval, sensitivity and specificity at the bundle's operating point, and writes
-``roc.png`` and ``results.json`` under ``--out``. Needs only the runtime (and matplotlib for the PNG).
+Each ``--test NAME=DATASET[:SPLITS]`` is a folder in the RSNA-STR PE layout written by ``petriage
+phantom`` (``train.csv``, ``train/``, ``masks/``, ``phantom.json``); with ``:SPLITS`` (a training run's
+``splits.json``) only that run's ``test`` split is used, so the in-distribution test holds studies
+the model was not trained or tuned on. Every study is analysed from its DICOM files by
+``node.inference.Engine`` exactly as ``petriage analyze`` would. Per test it reports:
+
+- study AUC with a 95 % bootstrap interval; sensitivity and specificity at the bundle's operating
+  point with 95 % Wilson intervals;
+- sensitivity by the most central level of a study's emboli and by the size of its largest embolus;
+- the pointing game: the attention peak of the top key slice lies within 10 mm (in-plane) of an
+  embolus voxel of that slice's slab, over positive studies with masks, overall and per level;
+
+and writes ``NAME-roc.png``, ``NAME-cams.png`` (top key slice of positive studies: PE window, embolus
+outline, attention peak) and ``results.json`` under ``--out``. Without ``--test`` it draws
+``--studies`` fresh studies of ``--style`` (default: varied) from seeds after ``--seed``.
+Needs only the runtime (and matplotlib for the PNGs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from node.inference import Engine
-from node.phantom import PhantomOptions, generate_study, write_study
+from node.phantom import write_rsna_dataset
+from node.phantom.spec import EMBOLUS_LEVELS
 from node.series import index_series
+
+LEVELS = list(EMBOLUS_LEVELS)
+SIZES = [("< 8 mm", 0.0, 8.0), ("8-15 mm", 8.0, 15.0), (">= 15 mm", 15.0, 1e9)]
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -32,89 +51,219 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=Path("models/demo"))
-    parser.add_argument("--studies", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=900001, help="first study seed (fresh seeds follow)")
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--slice-spacing", type=float, default=4.5)
-    parser.add_argument("--min-embolus-mm", type=float, default=10.0)
-    parser.add_argument("--embolus-levels", default="central,lobar")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--training-manifest", type=Path, default=Path("data/phantom/phantom.json"),
-                        help="phantom.json of the training set: its seeds are refused here (if present)")
-    parser.add_argument("--out", type=Path, default=Path("var/check-bundle"))
-    args = parser.parse_args()
-    used: set[int] = set()
-    if args.training_manifest.is_file():
-        used = {s["seed"] for s in json.loads(args.training_manifest.read_text())["studies"]}
-    options = PhantomOptions(matrix=args.matrix, slices=args.slices, slice_spacing_mm=args.slice_spacing,
-                             min_embolus_mm=args.min_embolus_mm,
-                             embolus_levels=tuple(args.embolus_levels.split(",")))
-    engine = Engine(args.bundle, device="cpu", precision=args.precision, threads=2)
-    print(f"bundle {args.bundle}: {engine.describe()}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, seed = [], args.seed
-    for i in range(args.studies):
-        while seed in used:
-            seed += 1
-        pe = i % 2 == 0
-        study = generate_study(seed, pe=pe, options=options)
-        folder = args.out / "dicom" / str(seed)
-        paths = write_study(study, folder)["ctpa"]
+def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, n: int = 2000) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    boots = []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[idx].sum() < len(idx):
+            boots.append(auc(labels[idx], scores[idx]))
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": [lo, hi]}
+
+
+def _studies(dataset: Path, splits: Path | None) -> list[dict]:
+    truth = json.loads((dataset / "phantom.json").read_text())["studies"]
+    if splits is not None:
+        keep = set(json.loads(splits.read_text())["test"])
+        truth = [t for t in truth if t["study_instance_uid"] in keep]
+    return truth
+
+
+def _series_files(dataset: Path, study_uid: str) -> list[Path]:
+    folders = [p for p in (dataset / "train" / study_uid).iterdir() if p.is_dir()]
+    return sorted(f for folder in folders for f in folder.glob("*.dcm"))
+
+
+def _hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+
+
+def _pointing(result, index, masks: dict[str, np.ndarray], slab: int, tolerance_mm: float):
+    """(hit, key slice index, mask of the key slab) for the top key slice, or None without a mask there."""
+    if not result.key_slices:
+        return None
+    key = result.key_slices[0]
+    j = key.index // slab
+    uids = index.sop_instance_uids[j * slab:(j + 1) * slab]
+    slab_masks = [masks[u] for u in uids if u in masks]
+    if not slab_masks:
+        return None
+    union = np.maximum.reduce(slab_masks) > 0
+    if not union.any():
+        return False, key, union
+    rows, cols = np.nonzero(union)
+    dr = (rows + 0.5 - key.peak_row) * index.pixel_spacing_mm[0]
+    dc = (cols + 0.5 - key.peak_column) * index.pixel_spacing_mm[1]
+    return bool(np.min(np.hypot(dr, dc)) <= tolerance_mm), key, union
+
+
+def run_test(engine: Engine, name: str, dataset: Path, splits: Path | None, out: Path,
+             tolerance_mm: float = 10.0) -> dict:
+    truth = _studies(dataset, splits)
+    rows, tiles = [], []
+    for i, t in enumerate(truth, 1):
+        uid = t["study_instance_uid"]
+        index = index_series(_series_files(dataset, uid))
         start = time.perf_counter()
-        result = engine.analyze(index_series(paths))
-        rows.append({"seed": seed, "pe": pe, "probability": result.probability, "positive": result.positive,
-                     "seconds": time.perf_counter() - start})
-        print(f"{i + 1:3d}/{args.studies} seed {seed}: truth {'PE' if pe else 'no PE':5s} probability "
-              f"{result.probability:.3f} -> {'PE suspected' if result.positive else 'not suspected'}")
-        shutil.rmtree(folder)
-        seed += 1
+        result = engine.analyze(index)
+        seconds = time.perf_counter() - start
+        emboli = t["emboli"]
+        level = next((lv for lv in LEVELS if any(e["level"] == lv for e in emboli)), None)
+        largest = max((e["size_mm"] for e in emboli), default=0.0)
+        row = {"study_instance_uid": uid, "seed": t["seed"], "pe": bool(t["pe_present"]),
+               "probability": result.probability, "positive": result.positive, "level": level,
+               "largest_embolus_mm": largest, "seconds": seconds, "slices": len(index),
+               "slab": result.model.get("slab_slices", 1), "hit": None}
+        mask_file = dataset / "masks" / f"{uid}.npz"
+        if row["pe"] and mask_file.is_file():
+            with np.load(mask_file) as npz:
+                masks = {str(u): m for u, m in zip(npz["sop_instance_uid"], npz["mask"], strict=True)}
+            pointed = _pointing(result, index, masks, row["slab"], tolerance_mm)
+            if pointed is not None:
+                row["hit"] = pointed[0]
+                if len(tiles) < 16:
+                    key = pointed[1]
+                    tiles.append((_hu(index.paths[key.index]), pointed[2], key, pointed[0], result.probability))
+        rows.append(row)
+        print(f"[{name}] {i:3d}/{len(truth)} truth {'PE' if row['pe'] else 'no PE':5s} "
+              f"{(level or ''):12s} p={result.probability:.3f} -> "
+              f"{'PE suspected' if result.positive else 'not suspected'}"
+              + ("" if row["hit"] is None else f"; attention {'on' if row['hit'] else 'off'} the clot"), flush=True)
     labels = np.array([r["pe"] for r in rows], dtype=int)
     scores = np.array([r["probability"] for r in rows])
     decided = np.array([r["positive"] for r in rows])
-    rng = np.random.default_rng(0)
-    boots = []
-    for _ in range(2000):
-        idx = rng.integers(0, len(rows), len(rows))
-        if 0 < labels[idx].sum() < len(idx):
-            boots.append(auc(labels[idx], scores[idx]))
-    value, ci = auc(labels, scores), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
-    sens = float(decided[labels == 1].mean())
-    spec = float((~decided[labels == 0]).mean())
-    print(f"AUC {value:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) on {len(rows)} fresh studies; at the bundle's "
-          f"operating point sensitivity {sens:.2f}, specificity {spec:.2f}; "
-          f"{np.mean([r['seconds'] for r in rows]):.2f} s per study")
-    (args.out / "results.json").write_text(json.dumps({"auc": value, "auc_ci95": ci, "sensitivity": sens,
-                                                       "specificity": spec, "engine": engine.describe(),
-                                                       "options": vars(args) | {"bundle": str(args.bundle),
-                                                                                "out": str(args.out),
-                                                                                "training_manifest": None},
-                                                       "studies": rows}, indent=1))
+    pos = [r for r in rows if r["pe"]]
+    report = {
+        "test": name, "dataset": str(dataset), "split": "test" if splits else "all",
+        "studies": {"positive": int(labels.sum()), "negative": int(len(labels) - labels.sum())},
+        "auc": auc(labels, scores), "auc_ci95": bootstrap_auc(labels, scores),
+        "threshold": float(engine.bundle.manifest.operating_point(None).threshold),
+        "sensitivity": proportion(int(decided[labels == 1].sum()), int(labels.sum())),
+        "specificity": proportion(int((~decided[labels == 0]).sum()), int((labels == 0).sum())),
+        "sensitivity_by_level": {lv: proportion(sum(r["positive"] for r in pos if r["level"] == lv),
+                                                sum(1 for r in pos if r["level"] == lv)) for lv in LEVELS},
+        "sensitivity_by_size": {s: proportion(sum(r["positive"] for r in pos if lo <= r["largest_embolus_mm"] < hi),
+                                              sum(1 for r in pos if lo <= r["largest_embolus_mm"] < hi))
+                                for s, lo, hi in SIZES},
+        "pointing_game": proportion(sum(1 for r in pos if r["hit"]), sum(1 for r in pos if r["hit"] is not None)),
+        "pointing_by_level": {lv: proportion(sum(1 for r in pos if r["level"] == lv and r["hit"]),
+                                             sum(1 for r in pos if r["level"] == lv and r["hit"] is not None))
+                              for lv in LEVELS},
+        "pointing_tolerance_mm": tolerance_mm,
+        "seconds_per_study": float(np.mean([r["seconds"] for r in rows])),
+        "rows": rows,
+    }
+    _pictures(report, labels, scores, tiles, out / f"{name}-roc.png", out / f"{name}-cams.png")
+    return report
+
+
+def _pictures(report: dict, labels, scores, tiles, roc_path: Path, cams_path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return 0
+        return
     order = np.argsort(-scores)
     tpr = np.concatenate([[0], np.cumsum(labels[order]) / labels.sum()])
     fpr = np.concatenate([[0], np.cumsum(1 - labels[order]) / (len(labels) - labels.sum())])
+    sens, spec = report["sensitivity"]["value"], report["specificity"]["value"]
+    lo, hi = report["auc_ci95"]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-    ax.plot(fpr, tpr, lw=2, label=f"AUC {value:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})")
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {report['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.scatter([1 - spec], [sens], c="red", zorder=3, label=f"operating point: sens {sens:.2f}, spec {spec:.2f}")
+    ax.scatter([1 - spec], [sens], c="red", zorder=3,
+               label=f"threshold {report['threshold']:.3f}: sens {sens:.2f}, spec {spec:.2f}")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title(f"{args.bundle.name} via node.inference on {len(rows)} fresh phantom studies", fontsize=9)
+    ax.set_title(f"{report['test']}: {report['studies']['positive']} PE / {report['studies']['negative']} no PE "
+                 "(node.inference)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.text(0.02, 0.98, "synthetic data - not for clinical use", transform=ax.transAxes, va="top", fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out / "roc.png")
-    print(f"wrote {args.out / 'roc.png'}, {args.out / 'results.json'}")
+    fig.savefig(roc_path)
+    plt.close(fig)
+    if not tiles:
+        return
+    cols = 4
+    fig, axes = plt.subplots((len(tiles) + cols - 1) // cols, cols, figsize=(12, 3 * ((len(tiles) + cols - 1) // cols)),
+                             dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (hu, mask, key, hit, p) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(np.clip((hu + 250.0) / 700.0, 0, 1), cmap="gray")
+        ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
+        ax.plot([key.peak_column], [key.peak_row], "+", ms=14, mew=2, c="lime" if hit else "magenta")
+        ax.set_title(f"p={p:.2f} {'hit' if hit else 'miss'}", fontsize=8)
+    fig.suptitle(f"{report['test']}: top key slice, embolus outline (red), attention peak (+) - synthetic", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(cams_path)
+    plt.close(fig)
+
+
+def _line(r: dict) -> str:
+    s, p = r["sensitivity"], r["specificity"]
+    return (f"{r['test']}: AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f}); at threshold "
+            f"{r['threshold']:.3f} sensitivity {s['value']:.2f} ({s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}), "
+            f"specificity {p['value']:.2f} ({p['ci95'][0]:.2f}-{p['ci95'][1]:.2f}); pointing "
+            f"{r['pointing_game']['value'] if r['pointing_game']['n'] else float('nan'):.2f} "
+            f"({r['pointing_game']['k']}/{r['pointing_game']['n']}); {r['seconds_per_study']:.2f} s per study")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=Path("models/demo"))
+    parser.add_argument("--test", action="append", default=[], metavar="NAME=DATASET[:SPLITS]")
+    parser.add_argument("--studies", type=int, default=40, help="fresh studies when no --test is given")
+    parser.add_argument("--style", default="varied", help="style of the fresh studies")
+    parser.add_argument("--seed", type=int, default=900001, help="seed of the fresh studies")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("var/check-bundle"))
+    args = parser.parse_args()
+    engine = Engine(args.bundle, device="cpu", precision=args.precision, threads=2)
+    print(f"bundle {args.bundle}: {engine.describe()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tests: list[tuple[str, Path, Path | None]] = []
+    scratch = None
+    for spec in args.test:
+        name, _, where = spec.partition("=")
+        dataset, _, splits = where.partition(":")
+        if not name or not Path(dataset, "phantom.json").is_file():
+            print(f"--test {spec}: expected NAME=DATASET[:SPLITS] with DATASET/phantom.json", file=sys.stderr)
+            return 2
+        tests.append((name, Path(dataset), Path(splits) if splits else None))
+    if not tests:
+        from node.phantom import PhantomOptions
+
+        scratch = Path(tempfile.mkdtemp(prefix="check-bundle-"))
+        write_rsna_dataset(scratch, studies=args.studies, seed=args.seed, options=PhantomOptions(style=args.style),
+                           annotated_fraction=1.0, annotated_slice_fraction=1.0)
+        tests.append((f"fresh-{args.style}", scratch, None))
+    reports = [run_test(engine, name, dataset, splits, args.out) for name, dataset, splits in tests]
+    if scratch is not None:
+        shutil.rmtree(scratch)
+    for r in reports:
+        print(_line(r))
+    (args.out / "results.json").write_text(json.dumps({"bundle": str(args.bundle), "engine": engine.describe(),
+                                                       "tests": reports}, indent=1))
+    print(f"wrote {args.out / 'results.json'} and the PNGs beside it")
     return 0
 
 

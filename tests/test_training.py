@@ -208,3 +208,23 @@ def test_matched_negatives_follow_where_positives_lie_along_the_body(tiny_datase
     matched_mean = float((p * neg_levels).sum())
     assert abs(matched_mean - pos_levels.mean()) < abs(neg_levels.mean() - pos_levels.mean()) + 1e-9
     assert p[(neg_levels < pos_levels.min() - 0.05) | (neg_levels > pos_levels.max() + 0.05)].sum() == 0
+
+
+def test_thin_slices_are_cached_as_the_slabs_the_node_will_analyse(tmp_path):
+    from node.preprocess import average_slabs
+
+    thin = PhantomOptions(matrix=96, slices=24, slice_spacing_mm=6.0)
+    write_rsna_dataset(tmp_path / "thin", studies=2, positive_fraction=1.0, seed=8, options=thin,
+                       annotated_fraction=1.0, annotated_slice_fraction=1.0)
+    studies = read_rsna(tmp_path / "thin")
+    spec = PreprocessSpec(size=64, slab_mm=12.0)  # two 6 mm slices make one slab
+    cache = build_cache(studies, spec, tmp_path / "cache")
+    for study in studies:
+        entry = cache.study(study.study_instance_uid)
+        assert entry["count"] == 12 and entry["slab"] == 2
+        volume = read_volume(study.files)
+        expected = preprocess(average_slabs(volume.hu, 2), spec, volume.pixel_spacing_mm)
+        np.testing.assert_array_equal(cache.images[entry["start"]:entry["start"] + 12], expected)
+        labels = [study.image_labels[u] for u in volume.sop_instance_uids]
+        assert entry["image_labels"] == [max(labels[i], labels[i + 1]) for i in range(0, 24, 2)]
+        assert {int(k) for k in entry["mask_rows"]} == {i for i, lab in enumerate(entry["image_labels"]) if lab}

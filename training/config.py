@@ -56,7 +56,14 @@ class Stage1Settings(_Section):
     attention_weight: float = Field(default=1.0, ge=0)  # lambda; 0 switches the attention loss off
     attention_loss: Literal["mass", "mse"] = "mass"
     grad_clip: float = Field(default=5.0, gt=0)
+    # "flip-shift": left-right flips and shifts only (the first recipe); "full": HU scale/offset,
+    # window jitter, gamma, noise, blur/sharpen, rotation, scale, shift, flip (training/augment.py).
     augment: bool = True
+    augmentation: Literal["flip-shift", "full"] = "flip-shift"
+    # Share of each batch's negatives taken from the highest-scoring negatives of a random pool,
+    # re-scored every epoch from the second on (hard negatives: mimics such as veins, flow artefacts).
+    hard_negatives: float = Field(default=0.0, ge=0, le=1)
+    hard_pool: int = Field(default=768, ge=32)
 
 
 class Stage2Settings(_Section):

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.preprocess import PreprocessSpec, input_pixel_mm, preprocess, resize_mask, slab_size
-from node.series import read_volume
+from node.preprocess import PreprocessSpec, average_slabs, input_pixel_mm, preprocess, resize_mask, slab_size
+from node.series import index_series, read_volume
 from training import TrainingError
 
 Progress = Callable[[int, int, str], None]
@@ -129,38 +129,63 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
     spec = PreprocessSpec.from_dict(spec_dict)
     volume = read_volume(study.files)
     spacing = float(np.median(np.abs(np.diff(volume.positions_mm)))) if len(volume.hu) > 1 else 0.0
-    if slab_size(spacing, spec) != 1:
-        raise TrainingError(f"study {study.study_instance_uid}: slice spacing {spacing:.2f} mm is much thinner than "
-                            f"preprocess.slab_mm {spec.slab_mm} (training on averaged slabs is not supported yet; "
-                            "set slab_mm to the data's slice spacing or null)")
+    k = slab_size(spacing, spec)
+    # Thin slices are averaged into slabs as the node does at inference (node.inference); a slab's
+    # label is positive when any of its slices is, its mask the union of its slices' masks.
+    hu = average_slabs(volume.hu, k)
+    n = len(hu)
+    groups = [list(range(i, min(i + k, len(volume.hu)))) for i in range(0, len(volume.hu), k)]
     images = np.memmap(images_path, dtype=np.uint8, mode="r+",
                        shape=(n_total, spec.channels, spec.size, spec.size))
-    for lo in range(0, len(volume.hu), 64):  # bounded memory for long series
-        chunk = preprocess(volume.hu[lo:lo + 64], spec, volume.pixel_spacing_mm)
+    for lo in range(0, n, 64):  # bounded memory for long series
+        chunk = preprocess(hu[lo:lo + 64], spec, volume.pixel_spacing_mm)
         images[start + lo:start + lo + len(chunk)] = chunk
     images.flush()
     mask_rows: dict[int, int] = {}
     if study.mask_file is not None:
         with np.load(study.mask_file) as npz:
             uids, masks = [str(u) for u in npz["sop_instance_uid"]], npz["mask"]
-        index = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
+        index = {uid: i for i, uid in enumerate(volume.sop_instance_uids)}
         unknown = [u for u in uids if u not in index]
         if unknown:
             raise TrainingError(f"{study.mask_file}: {len(unknown)} masks for images not in the study")
-        small = resize_mask(masks, spec, volume.pixel_spacing_mm)
-        n_masks = os.path.getsize(masks_path) // (spec.size * spec.size)
-        mm = np.memmap(masks_path, dtype=np.uint8, mode="r+", shape=(n_masks, spec.size, spec.size))
+        by_slab: dict[int, np.ndarray] = {}
         for j, uid in enumerate(uids):
-            mm[mask_start + j] = small[j]
-            mask_rows[index[uid]] = mask_start + j
-        mm.flush()
+            slab = index[uid] // k
+            by_slab[slab] = masks[j] if slab not in by_slab else np.maximum(by_slab[slab], masks[j])
+        slabs = sorted(by_slab)
+        if slabs:
+            small = resize_mask(np.stack([by_slab[i] for i in slabs]), spec, volume.pixel_spacing_mm)
+            n_masks = os.path.getsize(masks_path) // (spec.size * spec.size)
+            mm = np.memmap(masks_path, dtype=np.uint8, mode="r+", shape=(n_masks, spec.size, spec.size))
+            for j, slab in enumerate(slabs):
+                mm[mask_start + j] = small[j]
+                mask_rows[slab] = mask_start + j
+            mm.flush()
+    labels = [study.image_labels.get(u, -1) for u in volume.sop_instance_uids]
+    slab_labels = [max(labels[i] for i in g) if any(labels[i] >= 0 for i in g) else -1 for g in groups]
     return {
         "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id, "label": study.label,
-        "start": start, "count": len(volume.hu), "sop_instance_uids": list(volume.sop_instance_uids),
-        "image_labels": [study.image_labels.get(u, -1) for u in volume.sop_instance_uids],
-        "mask_rows": {str(k): v for k, v in mask_rows.items()},
+        "start": start, "count": n, "slab": k,
+        "sop_instance_uids": [volume.sop_instance_uids[g[len(g) // 2]] for g in groups],
+        "image_labels": slab_labels,
+        "mask_rows": {str(i): v for i, v in mask_rows.items()},
         "pixel_mm": input_pixel_mm(volume.hu.shape[1:], volume.pixel_spacing_mm, spec),
     }
+
+
+def _slab_plan(study: StudyRecord, spec: PreprocessSpec) -> tuple[int, int]:
+    """(slabs, annotated slabs) a study will take in the cache, read from its headers only."""
+    index = index_series(study.files)
+    spacing = float(np.median(np.abs(np.diff(index.positions_mm)))) if len(index) > 1 else 0.0
+    k = slab_size(spacing, spec)
+    n = -(-len(index) // k)
+    if study.mask_file is None:
+        return n, 0
+    rank = {uid: r for r, uid in enumerate(index.sop_instance_uids)}
+    with np.load(study.mask_file) as npz:
+        slabs = {rank[str(u)] // k for u in npz["sop_instance_uid"] if str(u) in rank}
+    return n, len(slabs)
 
 
 def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path, *, workers: int = 1,
@@ -170,12 +195,13 @@ def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Pat
     if (folder / "index.json").is_file():
         return open_cache(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n_total = sum(len(s.files) for s in studies)
-    annotated: dict[str, int] = {}
-    for s in studies:
-        if s.mask_file is not None:
-            with np.load(s.mask_file) as npz:
-                annotated[s.study_instance_uid] = len(npz["sop_instance_uid"])
+    plans = {}
+    for i, s in enumerate(studies, 1):
+        plans[s.study_instance_uid] = _slab_plan(s, spec)
+        if progress and i % 50 == 0:
+            progress(i, len(studies), "reading headers")
+    n_total = sum(n for n, _ in plans.values())
+    annotated = {uid: m for uid, (_, m) in plans.items() if m}
     n_masks = sum(annotated.values())
     images_path, masks_path = folder / "images.u8", folder / "masks.u8"
     np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(n_total, spec.channels, spec.size, spec.size)).flush()
@@ -183,7 +209,7 @@ def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Pat
     jobs, start, mask_start = [], 0, 0
     for s in studies:
         jobs.append((s, start, mask_start, str(images_path), str(masks_path), spec.to_dict(), n_total))
-        start += len(s.files)
+        start += plans[s.study_instance_uid][0]
         mask_start += annotated.get(s.study_instance_uid, 0)
     index = []
     if workers > 1:

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
+from training.augment import geometry, intensity
 from training.config import TrainConfig
 from training.data import SliceCache
 from training.losses import attention_loss, slice_loss
@@ -173,7 +174,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
     val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
-    n_matched = round((s.batch_size - n_pos) * s.matched_negatives)
+    n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
+    n_matched = round((s.batch_size - n_pos - n_hard) * s.matched_negatives)
+    windows = [tuple(w) for w in cfg.preprocess.windows]
+    hard = np.zeros(0, dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -181,18 +185,27 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         task = progress.add_task("", total=total, completed=start_epoch * s.steps_per_epoch, stage="stage 1")
         for epoch in range(start_epoch, s.epochs):
             rng = np.random.default_rng([cfg.seed, epoch])
+            if n_hard and epoch > 0:
+                pool = rng.choice(neg, min(s.hard_pool, len(neg)), replace=False)
+                scores = slice_scores(model, cache, np.sort(pool), device)
+                hard = np.sort(pool)[np.argsort(-scores)[: max(1, len(pool) // 4)]]
             model.train()
             t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
             for step in range(s.steps_per_epoch):
+                k_hard = n_hard if len(hard) else 0
                 rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, n_matched, p=neg_p),
-                                       rng.choice(neg, s.batch_size - n_pos - n_matched)])
+                                       rng.choice(hard, k_hard) if k_hard else np.zeros(0, dtype=np.int64),
+                                       rng.choice(neg, s.batch_size - n_pos - n_matched - k_hard)])
                 images, mask, has_mask = _batch(cache, rows, masks)
                 labels = torch.from_numpy(np.isin(np.sort(rows), pos).astype(np.float32)).to(device)
                 x = torch.from_numpy(to_float(images))
                 m = torch.from_numpy(mask).float() / 255.0
-                if s.augment:
-                    x, m = _augment(x, m, rng)
                 x, m = x.to(device), m.to(device)
+                if s.augment and s.augmentation == "full":
+                    x, m = geometry(x, m, rng, windows)
+                    x = intensity(x, windows, rng)
+                elif s.augment:
+                    x, m = _augment(x, m, rng)
                 with autocast:
                     logit, _, cam = model(x)
                 bce = slice_loss(logit, labels)

@@ -42,7 +42,13 @@ def phantom_cmd(
     min_embolus_mm: Annotated[float, typer.Option(
         help="Smallest embolus drawn, mm along the vessel (2-20); emboli are drawn up to 20 mm.")] = 2.0,
     embolus_levels: Annotated[str, typer.Option(
-        help="Artery levels emboli may sit in: comma list of central, lobar, segmental.")] = "central,lobar,segmental",
+        help="Artery levels emboli may sit in: comma list of central, lobar, segmental (and subsegmental with "
+             "--style varied or shifted, which draw every level by default).")] = "central,lobar,segmental",
+    style: Annotated[str, typer.Option(
+        help="classic (fixed scanner settings from the options above), varied (domain-randomised training "
+             "family: matrix, field, slice spacing and thickness, kernel, noise, contrast, anatomy and emboli "
+             "drawn per study; --matrix/--slices/--slice-spacing/--min-embolus-mm are not used) or shifted "
+             "(the held-out test family).")] = "classic",
     workers: Annotated[int, typer.Option(min=1, help="Processes generating studies in parallel.")] = 1,
 ) -> None:
     """Write synthetic CTPA studies (RSNA-STR PE layout, sparse masks) - synthetic, not patient data."""
@@ -50,7 +56,8 @@ def phantom_cmd(
         options = PhantomOptions(matrix=matrix, slices=slices, slice_spacing_mm=slice_spacing,
                                  transfer_syntax=transfer_syntax, order=order,
                                  companions=_companions(companions), min_embolus_mm=min_embolus_mm,
-                                 embolus_levels=tuple(v.strip() for v in embolus_levels.split(",") if v.strip()))
+                                 embolus_levels=tuple(v.strip() for v in embolus_levels.split(",") if v.strip()),
+                                 style=style)
     except PhantomError as exc:
         raise typer.BadParameter(str(exc)) from exc
     start = time.perf_counter()

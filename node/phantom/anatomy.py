@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from node.phantom.spec import EMBOLUS_LEVELS, HU_RANGE, Structure
+from node.phantom.spec import CLASSIC_LEVELS, EMBOLUS_LEVELS, HU_RANGE, Structure
+from node.phantom.styles import Variation
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Embolus:
     """A filling defect inside one artery, between two arc-length positions."""
 
     artery: str  # Tube.name
-    level: str  # "central", "lobar" or "segmental"
+    level: str  # "central", "lobar", "segmental" or "subsegmental"
     side: str
     start_mm: float  # arc length along the artery where the clot's axis starts
     length_mm: float  # length of the clot's axis; its rounded ends add one radius each side
@@ -61,6 +62,9 @@ class Embolus:
     offset_direction: np.ndarray  # (3,) unit vector, made perpendicular to the vessel when drawn
     hu: float
     wobble: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # surface waves: kx, ky, kz, phase
+    kind: str = ""  # "occlusive", "partial", "mural" or "saddle" (styled families); "" in the classic model
+    #: shifted family: ellipsoid blobs (axial position, radius fraction, offset, phase, flattening)
+    blobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Anatomy:
     streak_angles: np.ndarray = field(default_factory=lambda: np.zeros(0))
     swirl: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # right-atrium mixing waves
     scan_center_z: float = -40.0
+    variation: Variation | None = None  # the style family's draw; None for the classic model
 
     @property
     def pe_present(self) -> bool:
@@ -154,12 +159,15 @@ def make_tube(name: str, structure: Structure, control: list, radii: list, hu: l
 class _Builder:
     """Draws one patient from a random generator; the order of draws is part of the seed contract."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, variation: Variation | None = None):
         self.rng = rng
+        self.v = variation
         self.s = float(rng.uniform(0.88, 1.1))
+        self.axis = np.asarray(variation.axis_scale) if variation else np.ones(3)
+        self.jitter_gain = variation.jitter_gain if variation else 1.0
 
     def p(self, x: float, y: float, z: float, jitter: float = 3.0) -> np.ndarray:
-        return np.array([x, y, z]) * self.s + self.rng.normal(0.0, jitter, 3)
+        return np.array([x, y, z]) * self.s * self.axis + self.rng.normal(0.0, jitter * self.jitter_gain, 3)
 
     def u(self, lo: float, hi: float) -> float:
         return float(self.rng.uniform(lo, hi))
@@ -188,7 +196,8 @@ class _Builder:
     def branch_into_lung(self, start: np.ndarray, heading: np.ndarray, length: float,
                          tries: int = 14) -> np.ndarray:
         """End point of a branch: a random direction, near the parent's, that stays inside the lung."""
-        d = heading / np.linalg.norm(heading) * 0.45 + self.rng.normal(0.0, 0.6, (tries, 3))
+        spread = 0.6 * (self.v.branch_spread if self.v else 1.0)
+        d = heading / np.linalg.norm(heading) * 0.45 + self.rng.normal(0.0, spread, (tries, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         ends = start + d * length
         samples = start + d[:, None, :] * length * np.array([0.5, 0.8, 1.0])[None, :, None]
@@ -216,12 +225,12 @@ class _Builder:
             start = parent.points[k]
             heading = parent.points[-1] - parent.points[max(0, n - 3)]
             heading = heading + np.array([np.sign(start[0]) * 20.0, 0.0, 0.0])
-            length_mm = self.u(*length) * self.s
+            length_mm = self.u(*length) * self.s * (self.v.branch_length if self.v else 1.0)
             end = self.branch_into_lung(start, heading, length_mm)
-            mid = (start + end) / 2 + self.rng.normal(0.0, 2.0, 3)
+            mid = (start + end) / 2 + self.rng.normal(0.0, self.v.tortuosity_mm if self.v else 2.0, 3)
             r0 = min(radius[0], float(parent.radii[k]) * 0.9)
             tube = make_tube(f"{name}{i}", structure, [start, mid, end], [r0, (r0 + radius[1]) / 2,
-                             radius[1]], hu, level=level, side=parent.side, step_mm=3.0)
+                             radius[1]], self.tapered(hu, level), level=level, side=parent.side, step_mm=3.0)
             out.append(tube)
             if depth > 1:
                 out += self.grow(tube, structure, min(level + 1, 4) if level >= 0 else -1, 2,
@@ -229,19 +238,30 @@ class _Builder:
                                  hu, f"{name}{i}.", depth - 1)
         return out
 
+    def tapered(self, hu: float, level: int) -> float:
+        """Arterial enhancement at a tree level (styled families dim towards the periphery)."""
+        if self.v is None or level < 0:
+            return hu
+        return hu * (1.0 - self.v.artery_taper * level / 4.0)
+
     # --------------------------------------------------------------- patient
     def build(self, seed: int, pe: bool, n_emboli: int | None, min_embolus_mm: float = 2.0,
               embolus_levels: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> Anatomy:
         rng, s, p, u = self.rng, self.s, self.p, self.u
-        a, b = 140.0 * s * u(0.96, 1.04), 100.0 * s * u(0.95, 1.05)
+        ax, ay, az = self.axis
+        a, b = 140.0 * s * ax * u(0.96, 1.04), 100.0 * s * ay * u(0.95, 1.05)
         fat = u(6.0, 24.0)
-        self.lung_center = {"R": np.array([-72.0, 4.0]) * s, "L": np.array([72.0, 4.0]) * s}
-        self.lung_radii = (56.0 * s, 84.0 * s)
-        self.lung_apex_z, self.lung_widest_z, self.lung_floor_z = 78.0 * s, -55.0 * s, -165.0 * s
+        self.lung_center = {"R": np.array([-72.0 * ax, 4.0 * ay]) * s, "L": np.array([72.0 * ax, 4.0 * ay]) * s}
+        self.lung_radii = (56.0 * s * ax, 84.0 * s * ay)
+        self.lung_apex_z, self.lung_widest_z, self.lung_floor_z = 78.0 * s * az, -55.0 * s * az, -165.0 * s * az
         hu_art = u(280.0, 420.0)
         hu_ao = hu_art * u(0.55, 0.9)
         hu_vein = u(115.0, 185.0)
         hu_svc = u(900.0, 1900.0)
+        v = self.v
+        if v is not None:
+            hu_art, hu_vein = v.hu_artery, v.hu_vein
+            hu_ao = hu_art * v.aorta_ratio
         self.domes = [
             Ellipsoid("liver", Structure.LIVER, p(-40, -10, -190, 4), np.array([110, 100, 75.0]) * s,
                       u(*HU_RANGE[Structure.LIVER])),
@@ -261,27 +281,29 @@ class _Builder:
                         [12 * s, 11 * s, 10.5 * s, 10 * s], hu_art, level=1, side="R")
         lpa = make_tube("LPA", pa, [bif, p(30, -2, -4), p(44, 8, -9), p(52, 18, -20)],
                         [12 * s, 10.5 * s, 10 * s, 9 * s], hu_art, level=1, side="L")
+        t2 = self.tapered(hu_art, 2)
         lobar = [
             make_tube("RUL", pa, [rpa.points[len(rpa.points) * 2 // 3], p(-56, -10, 10), p(-62, -8, 36)],
-                      [7 * s, 6 * s, 5 * s], hu_art, level=2, side="R"),
+                      [7 * s, 6 * s, 5 * s], t2, level=2, side="R"),
             make_tube("RLL", pa, [rpa.points[-1], p(-62, 10, -48), p(-66, 26, -82), p(-68, 38, -108)],
-                      [9 * s, 8 * s, 7 * s, 6 * s], hu_art, level=2, side="R"),
+                      [9 * s, 8 * s, 7 * s, 6 * s], t2, level=2, side="R"),
             make_tube("LUL", pa, [lpa.points[len(lpa.points) // 2], p(56, 0, 14), p(62, -6, 38)],
-                      [7 * s, 6 * s, 5 * s], hu_art, level=2, side="L"),
+                      [7 * s, 6 * s, 5 * s], t2, level=2, side="L"),
             make_tube("LLL", pa, [lpa.points[-1], p(58, 30, -52), p(64, 40, -86), p(66, 45, -108)],
-                      [8.5 * s, 7.5 * s, 6.5 * s, 6 * s], hu_art, level=2, side="L"),
+                      [8.5 * s, 7.5 * s, 6.5 * s, 6 * s], t2, level=2, side="L"),
         ]
         rll, lll = lobar[1], lobar[3]
         lobar += [
             make_tube("RML", pa, [rll.points[len(rll.points) // 3], p(-72, -18, -56), p(-80, -44, -64)],
-                      [5.5 * s, 5 * s, 4.5 * s], hu_art, level=2, side="R"),
+                      [5.5 * s, 5 * s, 4.5 * s], t2, level=2, side="R"),
             make_tube("LING", pa, [lll.points[len(lll.points) // 4], p(70, -8, -44), p(78, -34, -56)],
-                      [5.5 * s, 5 * s, 4.5 * s], hu_art, level=2, side="L"),
+                      [5.5 * s, 5 * s, 4.5 * s], t2, level=2, side="L"),
         ]
         tubes += [trunk, rpa, lpa, *lobar]
+        count = self.v.branch_count if self.v else (4, 7)
         for lob in lobar:
-            tubes += self.grow(lob, pa, 3, int(rng.integers(4, 7)), (32, 56), (3.8 * s, 2.8 * s), hu_art,
-                               f"{lob.name}.s", depth=4)
+            tubes += self.grow(lob, pa, 3, int(rng.integers(*count)), (32, 56), (3.8 * s, 2.8 * s), hu_art,
+                               f"{lob.name}.s", depth=self.v.tree_depth if self.v else 4)
 
         # Pulmonary veins: lower enhancement, running from the lung to the left atrium.
         pv = Structure.PULMONARY_VEIN
@@ -350,7 +372,7 @@ class _Builder:
                       np.array([28, 15, 16.0]) * s, hu_vein, enhanced=True),
         ]
         # Lymph nodes beside the hilar arteries: soft tissue outside the lumen, a classic mimic.
-        for _ in range(int(rng.integers(1, 5))):
+        for _ in range(int(rng.integers(*(self.v.lymph_nodes if self.v else (1, 5))))):
             host = [rpa, lpa, *lobar][int(rng.integers(0, 2 + len(lobar)))]
             k = int(rng.integers(0, len(host.points)))
             radius = u(3.5, 7.0) * s
@@ -366,19 +388,22 @@ class _Builder:
 
         anatomy = Anatomy(
             seed=seed, size=s, body_radii=(a, b), fat_mm=fat,
-            noise_sigma=float(np.clip(u(9.0, 20.0) * s * s, 8.0, 26.0)),
+            noise_sigma=self.v.noise_sigma if self.v else float(np.clip(u(9.0, 20.0) * s * s, 8.0, 26.0)),
             lung_hu=u(-865.0, -835.0), hu_artery=hu_art, hu_aorta=hu_ao, hu_vein=hu_vein, hu_svc=hu_svc,
             hu_soft=soft, hu_fat=u(*HU_RANGE[Structure.FAT]),
             lung_center=self.lung_center, lung_radii=self.lung_radii, lung_apex_z=self.lung_apex_z,
-            lung_widest_z=self.lung_widest_z, lung_floor_z=self.lung_floor_z, spine_y=52.0 * s,
-            sternum=(-120.0 * s, 48.0 * s),
-            rib_posterior_z=np.array([74.0 - 23.0 * k for k in range(11)]) * s + rng.normal(0, 1.5, 11),
-            rib_drop_mm=u(40.0, 60.0) * s, table_y=b + fat + u(8.0, 14.0),
+            lung_widest_z=self.lung_widest_z, lung_floor_z=self.lung_floor_z, spine_y=52.0 * s * ay,
+            sternum=(-120.0 * s * az, 48.0 * s * az),
+            rib_posterior_z=np.array([74.0 - 23.0 * k for k in range(11)]) * s * az + rng.normal(0, 1.5, 11),
+            rib_drop_mm=u(40.0, 60.0) * s * az, table_y=b + fat + u(8.0, 14.0),
             tubes=tubes, ellipsoids=ellipsoids, domes=self.domes,
             streak_angles=rng.uniform(0.0, np.pi, int(rng.integers(6, 14))),
             swirl=np.column_stack([rng.normal(0, 0.12, (4, 3)), rng.uniform(0, 2 * np.pi, 4)]),
-            scan_center_z=-45.0 * s,
+            scan_center_z=-45.0 * s * az, variation=self.v,
         )
+        if self.v is not None:
+            emboli = self.varied_emboli(anatomy, n_emboli, embolus_levels) if pe else []
+            return replace(anatomy, emboli=emboli, flow_artefacts=self.flow_artefacts(anatomy, emboli))
         emboli = self.emboli(anatomy, n_emboli, min_embolus_mm, embolus_levels) if pe else []
         return replace(anatomy, emboli=emboli, flow_artefacts=self.flow_artefacts(anatomy, emboli))
 
@@ -387,7 +412,7 @@ class _Builder:
                allowed: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> list[Embolus]:
         rng = self.rng
         n = n_emboli if n_emboli is not None else int(rng.choice([1, 1, 2, 2, 3, 4]))
-        levels = list(EMBOLUS_LEVELS)
+        levels = list(CLASSIC_LEVELS)
         out = []
         for _ in range(n):
             weights = np.array([0.25, 0.35, 0.40]) * [lv in allowed for lv in levels]
@@ -418,15 +443,86 @@ class _Builder:
             ))
         return out
 
+    def varied_emboli(self, anatomy: Anatomy, n_emboli: int | None,
+                      allowed: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> list[Embolus]:
+        """Emboli of a styled family: every level, 3-25 mm, occlusive, partial, mural or saddle."""
+        rng, v = self.rng, self.v
+        assert v is not None
+        n = n_emboli if n_emboli is not None else int(rng.integers(v.emboli_count[0], v.emboli_count[1] + 1))
+        levels = list(EMBOLUS_LEVELS)
+        weights = np.array(v.level_weights) * [lv in allowed for lv in levels]
+        if weights.sum() == 0:
+            weights = np.array([lv in allowed for lv in levels], dtype=float)
+        out: list[Embolus] = []
+        for _ in range(n):
+            level = str(rng.choice(levels, p=weights / weights.sum()))
+            candidates = [t for t in anatomy.tubes if t.structure == Structure.PULMONARY_ARTERY
+                          and t.level in EMBOLUS_LEVELS[level]]
+            tube = candidates[int(rng.integers(0, len(candidates)))]
+            arc = tube.arc_length()
+            size = self.u(*v.embolus_mm)
+            kind = str(rng.choice(["occlusive", "partial", "mural", "saddle"], p=[0.3, 0.35, 0.2, 0.15]))
+            if kind == "saddle" and level != "central":
+                kind = "partial"
+            if kind == "saddle":
+                # Astride the bifurcation: the end of the trunk and the start of both main arteries.
+                trunk = anatomy.artery("trunk")
+                ta = trunk.arc_length()
+                lumen = float(trunk.radii[-1])
+                length = min(size, 18.0)
+                common = dict(level="central", size_mm=size, occlusive=False, radius_fraction=self.u(0.55, 0.8),
+                              offset_fraction=self.u(0.1, 0.3), offset_direction=rng.normal(0.0, 1.0, 3),
+                              hu=self.u(*v.embolus_hu), kind="saddle",
+                              wobble=np.column_stack([rng.normal(0.0, 0.3, (3, 3)), rng.uniform(0, 2 * np.pi, 3)]))
+                out.append(Embolus(artery="trunk", side="", start_mm=max(0.0, ta[-1] - length / 2 - lumen),
+                                   length_mm=length / 2, blobs=self.blobs(), **common))
+                for name, side in (("RPA", "R"), ("LPA", "L")):
+                    out.append(Embolus(artery=name, side=side, start_mm=0.0, length_mm=length / 2,
+                                       blobs=self.blobs(), **common))
+                continue
+            start = self.u(0.0, 0.8) * arc[-1]
+            lumen = float(np.interp(start, arc, tube.radii))
+            elongated = rng.random() < 0.4
+            if kind == "occlusive":
+                fraction, offset = 1.05, 0.0
+                size = max(size, 2.0 * lumen)
+            elif kind == "mural":
+                fraction, offset = self.u(0.35, 0.55), self.u(0.5, 0.75)
+            else:
+                fraction, offset = self.u(0.45, 0.85), self.u(0.0, 0.45)
+            width = 2.0 * fraction * lumen
+            length = max(0.0, size - width) if elongated or size > width else 0.0
+            length = min(length, arc[-1] - start)
+            out.append(Embolus(
+                artery=tube.name, level=level, side=tube.side or ("L" if rng.random() < 0.5 else "R"),
+                start_mm=start, length_mm=length, size_mm=size, occlusive=kind == "occlusive",
+                radius_fraction=fraction, offset_fraction=offset, offset_direction=rng.normal(0.0, 1.0, 3),
+                hu=self.u(*v.embolus_hu), kind=kind, blobs=self.blobs(),
+                wobble=np.column_stack([rng.normal(0.0, 0.3, (3, 3)), rng.uniform(0.0, 2 * np.pi, 3)]),
+            ))
+        return out
+
+    def blobs(self) -> np.ndarray:
+        """Blobs of a shifted-family clot: axial position 0-1, radius and offset fractions, phase, flattening."""
+        if self.v is None or self.v.embolus_primitive != "blobs":
+            return np.zeros((0, 5))
+        k = int(self.rng.integers(2, 5))
+        rng = self.rng
+        return np.column_stack([rng.uniform(0.0, 1.0, k), rng.uniform(0.6, 1.0, k), rng.uniform(0.0, 0.4, k),
+                                rng.uniform(0.0, 2 * np.pi, k), rng.uniform(0.5, 1.0, k)])
+
     def flow_artefacts(self, anatomy: Anatomy, emboli: list[Embolus]) -> list[FlowArtefact]:
         rng = self.rng
-        if rng.random() >= 0.35:
+        if rng.random() >= (self.v.flow_probability if self.v else 0.35):
             return []
-        lower = [t for t in anatomy.tubes if t.structure == Structure.PULMONARY_ARTERY and t.level in (2, 3)
-                 and t.points[:, 2].mean() < -40.0 * self.s]
+        if self.v is not None:  # mixing anywhere from the main arteries to segmental branches
+            lower = [t for t in anatomy.tubes if t.structure == Structure.PULMONARY_ARTERY and t.level in (1, 2, 3)]
+        else:
+            lower = [t for t in anatomy.tubes if t.structure == Structure.PULMONARY_ARTERY and t.level in (2, 3)
+                     and t.points[:, 2].mean() < -40.0 * self.s]
         taken = [anatomy.artery(e.artery).points.mean(axis=0) for e in emboli]
         out = []
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(int(rng.integers(1, 5 if self.v else 3))):
             tube = lower[int(rng.integers(0, len(lower)))]
             center = tube.points[int(rng.integers(0, len(tube.points)))]
             if all(np.linalg.norm(center - c) > 30.0 for c in taken):
@@ -435,7 +531,8 @@ class _Builder:
 
 
 def build_anatomy(seed: int, *, pe: bool, n_emboli: int | None = None, attempt: int = 0,
-                  min_embolus_mm: float = 2.0, embolus_levels: tuple[str, ...] = tuple(EMBOLUS_LEVELS)) -> Anatomy:
+                  min_embolus_mm: float = 2.0, embolus_levels: tuple[str, ...] | None = None,
+                  variation: Variation | None = None) -> Anatomy:
     """Draw one synthetic patient.
 
     Parameters
@@ -451,8 +548,14 @@ def build_anatomy(seed: int, *, pe: bool, n_emboli: int | None = None, attempt: 
     min_embolus_mm
         Smallest embolus extent drawn (2-20 mm); a larger floor makes an easier dataset.
     embolus_levels
-        Artery levels emboli may sit in (central, lobar, segmental).
+        Artery levels emboli may sit in; None: central, lobar and segmental in the classic model, and
+        subsegmental as well in styled families.
+    variation
+        A style family's draw (:mod:`node.phantom.styles`); None is the classic model.
     """
     if n_emboli is not None and n_emboli < 1 and pe:
         raise ValueError("a PE-positive study needs at least one embolus")
-    return _Builder(np.random.default_rng([seed, attempt])).build(seed, pe, n_emboli, min_embolus_mm, embolus_levels)
+    if embolus_levels is None:
+        embolus_levels = tuple(CLASSIC_LEVELS) if variation is None else tuple(EMBOLUS_LEVELS)
+    return _Builder(np.random.default_rng([seed, attempt]), variation).build(seed, pe, n_emboli, min_embolus_mm,
+                                                                           embolus_levels)

@@ -109,6 +109,9 @@ def _make_one(job: _Job) -> dict:
         "flow_artefacts": len(study.anatomy.flow_artefacts),
         "noise_sigma_hu": round(study.anatomy.noise_sigma, 1),
         "artery_hu": round(study.anatomy.hu_artery, 1), "patient_size": round(study.anatomy.size, 3),
+        "style": job.options.style, "matrix": study.options.matrix, "fov_mm": study.options.fov_mm,
+        "slice_spacing_mm": study.options.slice_spacing_mm, "slice_thickness_mm": study.options.thickness_mm,
+        "emboli_kinds": [e.kind for e in study.anatomy.emboli],
     }
     return {"rows": rows, "truth": truth}
 

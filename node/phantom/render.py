@@ -9,6 +9,7 @@ primitive's bounding box, so the cost follows the anatomy, not the volume.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -25,11 +26,13 @@ class Grid:
     zs: np.ndarray  # slice centres, decreasing
 
     @classmethod
-    def axial(cls, *, matrix: int, fov_mm: float, slices: int, spacing_mm: float, center_z: float) -> Grid:
+    def axial(cls, *, matrix: int, fov_mm: float, slices: int, spacing_mm: float, center_z: float,
+              center_x: float = 0.0, center_y: float = 0.0) -> Grid:
+        """A square axial grid; ``center_x``/``center_y`` move the field's centre off the patient's axis."""
         pixel = fov_mm / matrix
         centres = (np.arange(matrix) - (matrix - 1) / 2.0) * pixel
         zs = center_z + ((slices - 1) / 2.0 - np.arange(slices)) * spacing_mm
-        return cls(centres.copy(), centres.copy(), zs)
+        return cls(centres + center_x, centres + center_y, zs)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -84,11 +87,12 @@ def _segment_fraction(x, y, z, p0, p1, r0, r1, h):
 
 
 class _Painter:
-    def __init__(self, grid: Grid, fill_hu: float = -1000.0):
+    def __init__(self, grid: Grid, fill_hu: float = -1000.0, edge_mm: float = 0.0):
         self.grid = grid
         self.hu = np.full(grid.shape, fill_hu, dtype=np.float32)
         self.labels = np.zeros(grid.shape, dtype=np.uint8)
         self.h = grid.pixel_mm
+        self.edge = max(self.h, edge_mm)  # width of vessel edges
 
     def blend(self, region, f, hu, code: Structure) -> None:
         blend(self.hu, self.labels, region, f, hu, code)
@@ -105,16 +109,17 @@ class _Painter:
         self.blend(region, f, hu, e.structure)
 
     def tube(self, tube: Tube, *, hu_override: float | None = None, pad: float = 0.0,
-             structure: Structure | None = None) -> None:
+             structure: Structure | None = None, soft: bool = False) -> None:
+        h = self.edge if soft else self.h
         for i in range(len(tube.points) - 1):
             p0, p1 = tube.points[i], tube.points[i + 1]
             r0, r1 = tube.radii[i] + pad, tube.radii[i + 1] + pad
-            rmax = max(r0, r1) + self.h
+            rmax = max(r0, r1) + h
             box = _box(self.grid, np.minimum(p0, p1) - rmax, np.maximum(p0, p1) + rmax)
             if box is None:
                 continue
             region, x, y, z = box
-            f, t = _segment_fraction(x, y, z, p0, p1, r0, r1, self.h)
+            f, t = _segment_fraction(x, y, z, p0, p1, r0, r1, h)
             hu = hu_override if hu_override is not None else tube.hu[i] + t * (tube.hu[i + 1] - tube.hu[i])
             self.blend(region, f.astype(np.float32), hu, structure or tube.structure)
 
@@ -153,7 +158,9 @@ def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray,
     scale = 1.0 + 0.15 * bumps
     if len(pts) == 2 and np.allclose(pts[0], pts[1]):
         pts = np.vstack([pts[0], pts[0] + 1e-3])
-    for i in range(len(pts) - 1):
+    if len(emb.blobs):
+        _blob_shape(shape, emb, pts, radii, x, y, z, p.h)
+    for i in range(len(pts) - 1 if not len(emb.blobs) else 0):
         axis = pts[i + 1] - pts[i]
         axis = axis / max(float(np.linalg.norm(axis)), 1e-9)
         w = emb.offset_direction - axis * float(emb.offset_direction @ axis)
@@ -172,6 +179,29 @@ def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray,
     return int(inside.sum()), [int(k) for k in slices]
 
 
+def _blob_shape(shape: np.ndarray, emb: Embolus, pts: np.ndarray, radii: np.ndarray, x, y, z, h: float) -> None:
+    """A clot made of overlapping ellipsoids strung along the axis (the shifted family's primitive)."""
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    axis = pts[-1] - pts[0]
+    axis = axis / max(float(np.linalg.norm(axis)), 1e-9) if np.linalg.norm(axis) > 1e-6 else np.array([0.0, 0.0, 1.0])
+    for t, rf, off, phase, flat in emb.blobs:
+        s_ = float(t) * arc[-1]
+        c = np.array([np.interp(s_, arc, pts[:, k]) for k in range(3)])
+        lumen = float(np.interp(s_, arc, radii))
+        w = emb.offset_direction - axis * float(emb.offset_direction @ axis)
+        w = w / max(float(np.linalg.norm(w)), 1e-9)
+        w = np.cos(phase) * w + np.sin(phase) * np.cross(axis, w)
+        c = c + w * off * lumen
+        r_across = emb.radius_fraction * lumen * rf
+        r_along = max(r_across * (1.0 + 1.5 * flat), 0.5 * emb.size_mm / max(len(emb.blobs), 1))
+        d = np.stack(np.broadcast_arrays(x - c[0], y - c[1], z - c[2]), axis=-1)
+        along = d @ axis
+        across = np.sqrt(np.maximum((d * d).sum(-1) - along**2, 0.0))
+        rho = np.sqrt((along / r_along) ** 2 + (across / r_across) ** 2)
+        np.maximum(shape, np.clip(0.5 + (1.0 - rho) * r_across / h, 0.0, 1.0).astype(np.float32), out=shape)
+
+
 def _interp_matrix(coords: np.ndarray, spacing_mm: float, n: int) -> np.ndarray:
     """Linear-interpolation weights from a coarse axis (n knots) to the given coordinates."""
     f = np.clip((coords + (n // 2) * spacing_mm) / spacing_mm, 0, n - 1.001)
@@ -182,9 +212,14 @@ def _interp_matrix(coords: np.ndarray, spacing_mm: float, n: int) -> np.ndarray:
     return w
 
 
+@lru_cache(maxsize=4)
+def _coarse_field(seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 7919]).normal(0.0, 1.0, (48, 48, 48)).astype(np.float32)
+
+
 def smooth_field(seed: int, grid: Grid, spacing_mm: float, k: int) -> np.ndarray:
     """Slice k of a smooth random field (about unit variance), fixed in patient space for a seed."""
-    coarse = np.random.default_rng([seed, 7919]).normal(0.0, 1.0, (48, 48, 48)).astype(np.float32)
+    coarse = _coarse_field(seed)
     wz = _interp_matrix(np.array([grid.zs[k] + 100.0]), spacing_mm, 48)[0]
     plane = np.tensordot(wz, coarse, axes=1)
     return _interp_matrix(grid.ys, spacing_mm, 48) @ plane @ _interp_matrix(grid.xs, spacing_mm, 48).T
@@ -253,7 +288,8 @@ def _paint_slices(p: _Painter, an: Anatomy, contrast: bool) -> None:
         if z > an.lung_widest_z:
             q = (z - an.lung_widest_z) / (an.lung_apex_z - an.lung_widest_z)
             prof = float(np.sqrt(max(0.0, 1.0 - q * q)))
-        texture = smooth_field(an.seed, g, 9.0, k)
+        tex_mm, tex_hu = an.variation.lung_texture if an.variation else (9.0, 14.0)
+        texture = smooth_field(an.seed, g, tex_mm, k)
         domes = []
         for dome in an.domes:
             q = 1.0 - ((z - dome.center[2]) / (dome.radii[2] + 4.0)) ** 2
@@ -273,8 +309,8 @@ def _paint_slices(p: _Painter, an: Anatomy, contrast: bool) -> None:
             if ax < p.h:
                 continue
 
-            def lung(x, y, rows, cols, cy=cy, texture=texture):
-                return an.lung_hu + 35.0 * (y - cy) / an.lung_radii[1] + 14.0 * texture[rows, cols]
+            def lung(x, y, rows, cols, cy=cy, texture=texture, tex_hu=tex_hu):
+                return an.lung_hu + 35.0 * (y - cy) / an.lung_radii[1] + tex_hu * texture[rows, cols]
 
             c.ellipse(cx, cy, ax, ay, lung, Structure.LUNG, k=k, cut=cut)
     _paint_ribs(c, an)
@@ -311,6 +347,7 @@ def _paint_streaks(p: _Painter, an: Anatomy) -> None:
     """Beam-hardening streaks radiating from dense contrast in the superior vena cava."""
     svc = next(t for t in an.tubes if t.structure == Structure.SUPERIOR_VENA_CAVA)
     g = p.grid
+    patterns: dict[tuple, np.ndarray] = {}  # the vena cava runs nearly head-foot: reuse its pattern
     for k, z in enumerate(g.zs):
         if not svc.points[:, 2].min() <= z <= svc.points[:, 2].max():
             continue
@@ -320,19 +357,22 @@ def _paint_streaks(p: _Painter, an: Anatomy) -> None:
         if hu_here < 700.0:
             continue
         cx, cy = (float(np.interp(z, zc, svc.points[order, i])) for i in (0, 1))
-        amp = 0.09 * (hu_here - 600.0)
+        amp = 0.09 * (hu_here - 600.0) * (an.variation.streak_gain if an.variation else 1.0)
         box = _box(g, np.array([cx - 130, cy - 130, z - 1e-3]), np.array([cx + 130, cy + 130, z + 1e-3]))
         if box is None:
             continue
         (_, sy, sx), x, y, _ = box
-        dx, dy = x[0] - cx, y[0] - cy
-        r = np.sqrt(dx**2 + dy**2)
-        streak = np.zeros(r.shape, dtype=np.float32)
-        for j, theta in enumerate(an.streak_angles):
-            across = np.abs(dx * np.sin(theta) - dy * np.cos(theta))
-            streak += (1.0 if j % 2 else -1.2) * np.exp(-((across / 1.3) ** 2))
+        key = (sy.start, sy.stop, sx.start, sx.stop, round(cx / g.pixel_mm), round(cy / g.pixel_mm))
+        if key not in patterns:
+            dx, dy = x[0] - cx, y[0] - cy
+            r = np.sqrt(dx**2 + dy**2)
+            streak = np.zeros(r.shape, dtype=np.float32)
+            for j, theta in enumerate(an.streak_angles):
+                across = np.abs(dx * np.sin(theta) - dy * np.cos(theta))
+                streak += (1.0 if j % 2 else -1.2) * np.exp(-((across / 1.3) ** 2))
+            patterns[key] = (streak * np.exp(-r / 70.0) * (r > 12.0)).astype(np.float32)
         body = p.labels[k, sy, sx] != Structure.AIR
-        p.hu[k, sy, sx] += (amp * streak * np.exp(-r / 70.0) * (r > 12.0) * body).astype(np.float32)
+        p.hu[k, sy, sx] += amp * patterns[key] * body
 
 
 def _paint_mixing(p: _Painter, an: Anatomy, contrast: bool) -> None:
@@ -366,6 +406,10 @@ def _paint_mixing(p: _Painter, an: Anatomy, contrast: bool) -> None:
 def _add_noise(p: _Painter, an: Anatomy) -> None:
     """Quantum noise with a short correlation length, as from a soft reconstruction kernel."""
     rng = np.random.default_rng([an.seed, 104729, len(p.grid.zs)])
+    v = an.variation
+    if v is not None:
+        _add_styled_noise(p, v, rng)
+        return
     gain = an.noise_sigma / 0.375  # the [1, 2, 1]/4 blur in two axes leaves 0.375 of the variance
     for k in range(p.hu.shape[0]):
         n = rng.standard_normal(p.hu.shape[1:], dtype=np.float32)
@@ -374,7 +418,72 @@ def _add_noise(p: _Painter, an: Anatomy) -> None:
         p.hu[k] += gain * n
 
 
-def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool = True) -> Rendered:
+def _smooth(img: np.ndarray, passes: int) -> np.ndarray:
+    """``passes`` of a [1, 2, 1]/4 filter along rows and columns (edge pixels kept); returns a new array."""
+    img = np.array(img, dtype=np.float32)
+    for _ in range(passes):
+        for view in (img, np.swapaxes(img, -1, -2)):
+            inner = 0.25 * view[..., :-2] + 0.5 * view[..., 1:-1] + 0.25 * view[..., 2:]
+            view[..., 1:-1] = inner
+    return img
+
+
+def _gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Approximate Gaussian blur in-plane: repeated [1, 2, 1] passes (each adds variance 1/2 px^2)."""
+    return _smooth(img, int(round(2.0 * sigma_px**2)))
+
+
+def _add_styled_noise(p: _Painter, v, rng: np.random.Generator) -> None:
+    """Noise of a styled family: level, grain and distribution from the draw."""
+    for k in range(p.hu.shape[0]):
+        if v.noise_model == "laplace-attenuation":
+            n = rng.laplace(0.0, 1.0, p.hu.shape[1:]).astype(np.float32)
+            # Photon starvation: denser paths are noisier (about 1.6x in bone and dense contrast).
+            level = 0.7 + 0.9 * np.clip((p.hu[k] + 1000.0) / 1700.0, 0.0, 1.0)
+        else:
+            n = rng.standard_normal(p.hu.shape[1:], dtype=np.float32)
+            level = 1.0
+        n = _smooth(n, v.noise_grain)
+        n *= v.noise_sigma / max(float(n.std()), 1e-6)
+        p.hu[k] += n * level
+
+
+def _reconstruction(p: _Painter, an: Anatomy) -> None:
+    reconstruct(p.hu, an, p.grid)
+
+
+def reconstruct(hu: np.ndarray, an: Anatomy, grid: Grid) -> None:
+    """A styled family's kernel (blur or sharpening) and motion ghosts at the level of the heart (in place)."""
+    v = an.variation
+    if v is None:
+        return
+    p = _Painter.__new__(_Painter)
+    p.grid, p.hu = grid, hu
+    if v.kernel_sigma_mm > 0:
+        p.hu[:] = _gaussian(p.hu, v.kernel_sigma_mm / p.grid.pixel_mm)
+    if v.sharpen > 0:
+        p.hu[:] = p.hu + v.sharpen * (p.hu - _smooth(p.hu, 2))
+    if v.motion > 0:
+        heart = next(e for e in an.ellipsoids if e.name == "myocardium")
+        rng = np.random.default_rng([an.seed, 5501])
+        shift = max(1, int(round(3.0 / p.grid.pixel_mm)))
+        for k, z in enumerate(p.grid.zs):
+            if abs(z - heart.center[2]) < heart.radii[2] and rng.random() < v.motion:
+                ghost = np.roll(p.hu[k], (int(rng.integers(-shift, shift + 1)), int(rng.integers(-shift, shift + 1))),
+                                axis=(0, 1))
+                p.hu[k] = 0.65 * p.hu[k] + 0.35 * ghost
+
+
+def add_noise(hu: np.ndarray, anatomy: Anatomy, grid: Grid) -> None:
+    """Add the patient's quantum noise to an already rendered volume on ``grid`` (in place)."""
+    p = _Painter.__new__(_Painter)
+    p.grid, p.hu = grid, hu
+    _add_noise(p, anatomy)
+    np.clip(hu, -1024.0, 3071.0, out=hu)
+
+
+def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool = True,
+           reconstruction: bool = True) -> Rendered:
     """Render a patient onto a grid.
 
     Parameters
@@ -387,8 +496,10 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
         False renders an unenhanced scan: every blood pool at unenhanced blood HU, emboli invisible.
     noise
         False leaves out quantum noise (for checks of the noise-free anatomy).
+    reconstruction
+        False leaves out a styled family's kernel and motion (applied later to averaged slices).
     """
-    p = _Painter(grid)
+    p = _Painter(grid, edge_mm=anatomy.variation.edge_mm if anatomy.variation else 0.0)
     _paint_slices(p, anatomy, contrast)
 
     def blood(hu: float) -> float:
@@ -402,7 +513,7 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
     tubes = anatomy.tubes
     for t in tubes:
         if t.structure == Structure.PULMONARY_VEIN:
-            p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU)
+            p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU, soft=True)
         elif t.structure == Structure.SOFT_TISSUE:  # oesophagus, inferior vena cava
             p.tube(t)
     for t in (t for t in tubes if t.structure == Structure.AIRWAY):
@@ -413,7 +524,7 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
         if t.structure in (Structure.AORTA, Structure.SUPERIOR_VENA_CAVA):
             p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU)
     for t in sorted((t for t in tubes if t.structure == Structure.PULMONARY_ARTERY), key=lambda t: -t.level):
-        p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU)
+        p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU, soft=True)
     mask = np.zeros(grid.shape, dtype=bool)
     drawn = [_paint_embolus(p, e, anatomy.artery(e.artery), mask, contrast) for e in anatomy.emboli]
     _paint_mixing(p, anatomy, contrast)
@@ -421,6 +532,8 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
         _paint_streaks(p, anatomy)
     if noise:
         _add_noise(p, anatomy)
+    if reconstruction:
+        _reconstruction(p, anatomy)
     np.clip(p.hu, -1024.0, 3071.0, out=p.hu)
     if not contrast:
         mask[:] = False

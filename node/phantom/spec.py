@@ -56,4 +56,6 @@ UNENHANCED_BLOOD_HU = 40.0
 ARTERY_LEVELS = {0: "trunk", 1: "main", 2: "lobar", 3: "segmental", 4: "subsegmental"}
 
 #: Embolus location classes and the artery levels they may sit in.
-EMBOLUS_LEVELS = {"central": (0, 1), "lobar": (2,), "segmental": (3,)}
+EMBOLUS_LEVELS = {"central": (0, 1), "lobar": (2,), "segmental": (3,), "subsegmental": (4,)}
+#: The levels of the classic model (which never draws subsegmental emboli).
+CLASSIC_LEVELS = ("central", "lobar", "segmental")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from node.errors import PhantomError
 from node.phantom.anatomy import Anatomy, build_anatomy
-from node.phantom.render import Grid, Rendered, render
-from node.phantom.spec import Structure
+from node.phantom.render import Grid, Rendered, add_noise, reconstruct, render
+from node.phantom.spec import CLASSIC_LEVELS, EMBOLUS_LEVELS, Structure
+from node.phantom.styles import STYLES, Variation, draw_variation
 from node.phantom.writer import (
     ORDERS,
     TRANSFER_SYNTAXES,
@@ -40,8 +41,14 @@ class PhantomOptions:
     companions: tuple[str, ...] = ()
     n_emboli: int | None = None
     min_embolus_mm: float = 2.0  # smallest embolus drawn (extent along the vessel); the largest is 20 mm
-    embolus_levels: tuple[str, ...] = ("central", "lobar", "segmental")  # where emboli may sit
+    embolus_levels: tuple[str, ...] = CLASSIC_LEVELS  # where emboli may sit
     noise: bool = True
+    #: ``classic``, or a style family (``varied``, ``shifted``: node.phantom.styles) that draws the scanner
+    #: settings (matrix, field, slice spacing and thickness, coverage) per study instead of taking them from here.
+    style: str = "classic"
+    #: Styled families only: the largest matrix rendered (a drawn matrix above it is lowered, the field of
+    #: view kept), for quick looks and fast tests; None renders what the family draws.
+    matrix_cap: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,8 +60,13 @@ class PhantomOptions:
             problems.append(f"slice spacing {self.slice_spacing_mm} mm (expected 0.1-20)")
         if not 2.0 <= self.min_embolus_mm <= 20.0:
             problems.append(f"smallest embolus {self.min_embolus_mm} mm (expected 2-20)")
-        if not self.embolus_levels or set(self.embolus_levels) - {"central", "lobar", "segmental"}:
-            problems.append(f"embolus levels {list(self.embolus_levels)} (expected some of central, lobar, segmental)")
+        if self.style not in STYLES:
+            problems.append(f"style {self.style!r} (expected one of {', '.join(STYLES)})")
+        known = set(EMBOLUS_LEVELS) if self.style != "classic" else set(CLASSIC_LEVELS)
+        if not self.embolus_levels or set(self.embolus_levels) - known:
+            problems.append(f"embolus levels {list(self.embolus_levels)} (expected some of {', '.join(sorted(known))}"
+                            + ("; subsegmental needs a styled family" if "subsegmental" in self.embolus_levels
+                               and self.style == "classic" else "") + ")")
         if self.transfer_syntax not in TRANSFER_SYNTAXES:
             problems.append(f"transfer syntax {self.transfer_syntax!r} (expected one of "
                             f"{', '.join(TRANSFER_SYNTAXES)})")
@@ -83,6 +95,7 @@ class EmbolusRecord:
     hu: float
     voxels: int
     slices: list[int]  # slice indices (superior first) where the embolus is visible
+    kind: str = ""  # occlusive, partial, mural or saddle (styled families)
 
 
 @dataclass
@@ -133,12 +146,17 @@ class PhantomStudy:
 
     def ctpa_spec(self) -> SeriesSpec:
         t = self.options.thickness_mm
-        return SeriesSpec("ctpa", 3, f"CTPA {t:.1f} mm", "STANDARD", True, t, (100.0, 700.0))
+        v = self.anatomy.variation
+        if v is not None and v.family == "shifted":
+            return SeriesSpec("ctpa", 601, f"CTA PULM {t:.2f} {v.kernel_name}", v.kernel_name, True, round(t, 2),
+                              (150.0, 800.0))
+        return SeriesSpec("ctpa", 3, f"CTPA {t:.1f} mm", v.kernel_name if v else "STANDARD", True, round(t, 2),
+                          (100.0, 700.0))
 
 
 def _records(anatomy: Anatomy, image: Rendered) -> list[EmbolusRecord]:
     return [EmbolusRecord(emb.artery, emb.level, emb.side, round(emb.size_mm, 1), emb.occlusive,
-                          round(emb.hu, 1), voxels, slices)
+                          round(emb.hu, 1), voxels, slices, emb.kind)
             for emb, voxels, slices in zip(anatomy.emboli, image.emboli_voxels, image.emboli_slices,
                                            strict=True) if voxels]
 
@@ -150,6 +168,8 @@ def generate_study(seed: int, *, pe: bool, options: PhantomOptions | None = None
     small to cover a voxel of the grid, so a study labelled positive always shows a filling defect.
     """
     options = options or PhantomOptions()
+    if options.style != "classic":
+        return _generate_styled(seed, pe, options)
     for attempt in range(MAX_ATTEMPTS):
         anatomy = build_anatomy(seed, pe=pe, n_emboli=options.n_emboli, attempt=attempt,
                                 min_embolus_mm=options.min_embolus_mm, embolus_levels=options.embolus_levels)
@@ -161,6 +181,71 @@ def generate_study(seed: int, *, pe: bool, options: PhantomOptions | None = None
                                 _records(anatomy, image))
     raise PhantomError(f"seed {seed}: no embolus covered a voxel in {MAX_ATTEMPTS} draws; "
                        "use a finer matrix or thinner slices")
+
+
+def _styled_options(options: PhantomOptions, v: Variation) -> PhantomOptions:
+    """The options a styled study is written with: its drawn scanner settings."""
+    slices = max(8, int(round(v.coverage_mm / v.slice_spacing_mm)))
+    matrix = min(v.matrix, options.matrix_cap) if options.matrix_cap else v.matrix
+    return replace(options, matrix=matrix, fov_mm=round(v.fov_mm, 1), slices=slices,
+                   slice_spacing_mm=round(v.slice_spacing_mm, 3),
+                   slice_thickness_mm=round(v.slice_spacing_mm * v.thickness_ratio, 3))
+
+
+def _generate_styled(seed: int, pe: bool, options: PhantomOptions) -> PhantomStudy:
+    """Draw and render a study of a style family: scanner settings per study, slices of real thickness.
+
+    Slices are rendered on a fine grid (at most 1.5 mm apart) and averaged over each slice's thickness,
+    so a thick slice shows an embolus with the partial-volume dilution a scanner gives it; the mask
+    keeps voxels at least 40 % inside an embolus.
+    """
+    variation = draw_variation(seed, options.style)
+    opts = _styled_options(options, variation)
+    levels = tuple(options.embolus_levels)
+    if levels == CLASSIC_LEVELS:  # the default: every level the family draws
+        levels = tuple(EMBOLUS_LEVELS)
+    for attempt in range(MAX_ATTEMPTS):
+        anatomy = build_anatomy(seed, pe=pe, n_emboli=options.n_emboli, attempt=attempt,
+                                embolus_levels=levels, variation=variation)
+        dx, dy, dz = variation.offset_mm
+        grid = Grid.axial(matrix=opts.matrix, fov_mm=opts.fov_mm, slices=opts.slices,
+                          spacing_mm=opts.slice_spacing_mm, center_z=anatomy.scan_center_z + dz,
+                          center_x=-dx, center_y=-dy)
+        image = _render_thick(anatomy, grid, opts.thickness_mm, noise=options.noise)
+        if not pe or image.mask.any():
+            return PhantomStudy(seed, anatomy, grid, image, StudyIdentity.from_seed(seed), opts,
+                                _records(anatomy, image))
+    raise PhantomError(f"seed {seed}: no embolus covered a voxel in {MAX_ATTEMPTS} draws")
+
+
+def _render_thick(anatomy: Anatomy, grid: Grid, thickness_mm: float, *, noise: bool) -> Rendered:
+    """Render on sub-slices at most 1.5 mm apart, then average each slice over its thickness."""
+    spacing = abs(float(grid.zs[0] - grid.zs[1])) if len(grid.zs) > 1 else thickness_mm
+    step = spacing / max(1, int(np.ceil(spacing / 1.5 - 1e-9)))
+    if step >= spacing - 1e-9 and thickness_mm <= spacing * 1.05:
+        return render(anatomy, grid, noise=noise)
+    top, bottom = grid.zs[0] + thickness_mm / 2, grid.zs[-1] - thickness_mm / 2
+    n_fine = int(np.ceil((top - bottom) / step)) + 1
+    fine_z = top - step / 2 - np.arange(n_fine) * step
+    fine = render(anatomy, Grid(grid.xs, grid.ys, fine_z), noise=False, reconstruction=False)
+    # Overlap of each slice's thickness with each sub-slice.
+    lo = np.maximum((grid.zs - thickness_mm / 2)[:, None], (fine_z - step / 2)[None, :])
+    hi = np.minimum((grid.zs + thickness_mm / 2)[:, None], (fine_z + step / 2)[None, :])
+    w = np.clip(hi - lo, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    hu = np.tensordot(w.astype(np.float32), fine.hu, axes=1)
+    frac = np.tensordot(w.astype(np.float32), fine.mask.astype(np.float32), axes=1)
+    mask = frac >= 0.4
+    labels = fine.labels[np.argmax(w, axis=1)]
+    slices = [sorted({int(i) for i in np.nonzero(w[:, ks].sum(axis=1) > 0)[0] if mask[i].any()}) if ks else []
+              for ks in fine.emboli_slices]
+    voxels = [n if ks else 0 for n, ks in zip(fine.emboli_voxels, slices, strict=True)]
+    out = Rendered(hu.astype(np.float32), labels, mask, voxels, slices)
+    if noise:  # noise of the reconstructed slice, not averaged away with the sub-slices
+        add_noise(out.hu, anatomy, grid)
+    reconstruct(out.hu, anatomy, grid)
+    np.clip(out.hu, -1024.0, 3071.0, out=out.hu)
+    return out
 
 
 def write_study(study: PhantomStudy, out_dir: Path) -> dict[str, list[Path]]:

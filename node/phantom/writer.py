@@ -181,11 +181,12 @@ def axial_series(hu: np.ndarray, grid: Grid, identity: StudyIdentity, spec: Seri
         ds = _base_dataset(identity, spec, series_uid)
         ds.SOPInstanceUID = uid_for(identity.seed, "instance", spec.kind, k)
         ds.InstanceNumber = int(numbers[k])
-        ds.ImagePositionPatient = [float(grid.xs[0]), float(grid.ys[0]), round(float(z), 4)]
+        # Decimal strings hold at most 16 characters: 4 decimals of a millimetre are plenty.
+        ds.ImagePositionPatient = [round(float(grid.xs[0]), 4), round(float(grid.ys[0]), 4), round(float(z), 4)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceThickness = spec.thickness_mm
         ds.SliceLocation = round(float(z), 4)
-        ds.PixelSpacing = [pixel, pixel]
+        ds.PixelSpacing = [round(pixel, 6), round(pixel, 6)]
         ds.Rows, ds.Columns = hu.shape[1:]
         ds.PixelData = to_stored(hu[k]).tobytes()
         out.append(ds)
@@ -204,10 +205,10 @@ def localizer(hu: np.ndarray, grid: Grid, identity: StudyIdentity) -> Dataset:
     ds = _base_dataset(identity, spec, uid_for(identity.seed, "series", "localizer"))
     ds.SOPInstanceUID = uid_for(identity.seed, "instance", "localizer", 0)
     ds.InstanceNumber = 1
-    ds.ImagePositionPatient = [float(grid.xs[0]), 0.0, round(float(grid.zs[0]), 4)]
+    ds.ImagePositionPatient = [round(float(grid.xs[0]), 4), 0.0, round(float(grid.zs[0]), 4)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     ds.SliceThickness = ""
-    ds.PixelSpacing = [pixel, pixel]
+    ds.PixelSpacing = [round(pixel, 6), round(pixel, 6)]
     ds.Rows, ds.Columns = scaled.shape
     ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     del ds.RescaleType  # projection values are not HU

@@ -1,0 +1,44 @@
+"""Stage-1 augmentation: intensity changes act on HU through the windows; geometry moves mask and image together."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.augment import AugmentRanges, geometry, intensity
+
+WINDOWS = [(100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0)]
+FIXED = AugmentRanges(hu_scale=(1.0, 1.0), hu_offset=(0.0, 0.0), window_jitter=0.0, gamma=(1.0, 1.0),
+                      noise=(0.0, 0.0), blur_probability=0.0, sharpen_probability=0.0)
+
+
+def windowed(hu: np.ndarray) -> torch.Tensor:
+    chans = [np.clip((hu - (c - w / 2)) / w, 0, 1) for c, w in WINDOWS]
+    return torch.from_numpy(np.stack(chans, axis=1).astype(np.float32))
+
+
+def test_without_any_change_the_intensity_augmentation_is_the_identity():
+    x = windowed(np.random.default_rng(0).uniform(-300, 400, (4, 16, 16)))
+    torch.testing.assert_close(intensity(x, WINDOWS, np.random.default_rng(1), FIXED), x)
+
+
+def test_an_hu_offset_moves_every_channel_as_its_window_maps_hu():
+    hu = np.random.default_rng(0).uniform(-100, 200, (2, 16, 16))  # inside every window: nothing clipped
+    shifted = AugmentRanges(**{**FIXED.__dict__, "hu_offset": (50.0, 50.0), "hu_scale": (1.2, 1.2)})
+    out = intensity(windowed(hu), WINDOWS, np.random.default_rng(1), shifted)
+    torch.testing.assert_close(out, windowed(hu * 1.2 + 50.0), atol=1e-5, rtol=0)
+
+
+def test_geometry_moves_the_mask_with_the_image_and_fills_with_air():
+    hu = np.full((8, 64, 64), -1000.0)
+    mask = np.zeros((8, 64, 64), dtype=np.float32)
+    hu[:, 20:28, 36:44] = 400.0
+    mask[:, 20:28, 36:44] = 1.0
+    x, m = geometry(windowed(hu), torch.from_numpy(mask), np.random.default_rng(3), WINDOWS)
+    for i in range(8):
+        bright = x[i, 0].numpy() > 0.5
+        inside = m[i].numpy() > 0.5
+        assert inside.sum() > 10
+        assert (bright & inside).sum() / (bright | inside).sum() > 0.9  # the same square, wherever it went
+    air = windowed(np.full((1, 1, 1), -1000.0))[0, :, 0, 0]
+    torch.testing.assert_close(x[:, :, 0, 0].min(dim=0).values, air, atol=1e-5, rtol=0)  # corners: air
