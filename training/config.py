@@ -76,6 +76,11 @@ class Stage2Settings(_Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     slice_loss_weight: float = Field(default=0.5, ge=0)  # where per-image labels exist
+    # Feature augmentation against another scanner's feature statistics: each training study's
+    # features are multiplied by exp(N(0, feature_scale)) per dimension and get N(0, feature_noise x
+    # the feature's spread) added per slice. 0 switches either off.
+    feature_scale: float = Field(default=0.0, ge=0, le=1)
+    feature_noise: float = Field(default=0.0, ge=0, le=2)
 
 
 class EvalSettings(_Section):

@@ -171,7 +171,8 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
     vpos, vneg, _ = _rows(cache, set(splits["val"]))
     vrng = np.random.default_rng(cfg.seed + 17)
-    val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
+    vpos = np.sort(vrng.permutation(vpos)[:400])  # a fixed sample keeps the per-epoch check cheap
+    val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(2 * len(vpos), 200)]])
     val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
     n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
@@ -236,6 +237,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             log.write(row)
             if on_epoch:
                 on_epoch(row)
+            if not console.is_terminal:  # a log file gets one line per epoch (the bar shows only at the end)
+                console.print(f"stage 1 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f} (bce {row['bce']:.3f}, "
+                              f"attention {row['attention']:.3f}), val slice AUC {val_auc:.3f}, "
+                              f"{row['seconds']:.0f} s")
             improved = np.isnan(val_auc) or val_auc >= best
             if improved and not np.isnan(val_auc):
                 best = val_auc
@@ -320,6 +325,8 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     log, best, best_loss, path = EpochLog(run_dir, "stage2"), -1.0, np.inf, run_dir / "stage2.pt"
     rng = np.random.default_rng(cfg.seed)
+    train_rows = np.concatenate([f.numpy() for f, _, _ in train]) if train else feats
+    spread = torch.from_numpy(train_rows.std(axis=0).astype(np.float32))[None, None, :]
     with _progress() as progress:
         task = progress.add_task("", total=s.epochs, stage="stage 2")
         for epoch in range(s.epochs):
@@ -327,6 +334,11 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             order, total = rng.permutation(len(train)), 0.0
             for lo in range(0, len(order), s.batch_size):
                 x, lengths, y, sl = _pad([train[i] for i in order[lo:lo + s.batch_size]], device)
+                if s.feature_scale > 0 or s.feature_noise > 0:
+                    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+                    scale = torch.exp(s.feature_scale * torch.randn(x.shape[0], 1, x.shape[2], generator=g))
+                    noise = s.feature_noise * spread * torch.randn(x.shape, generator=g)
+                    x = x * scale.to(device) + noise.to(device)
                 study_logit, slice_logits = model(x, lengths)
                 loss = slice_loss(study_logit, y)
                 known = sl >= 0
@@ -343,6 +355,9 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             val_loss = float(np.mean(-(labels * np.log(scores + 1e-7) + (1 - labels) * np.log(1 - scores + 1e-7))))
             row = {"epoch": epoch + 1, "loss": total / len(train), "val_study_auc": val_auc, "val_loss": val_loss}
             log.write(row)
+            if not console.is_terminal and ((epoch + 1) % 10 == 0 or epoch + 1 == s.epochs):
+                console.print(f"stage 2 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f}, "
+                              f"val study AUC {val_auc:.3f}")
             if on_epoch:
                 on_epoch(row)
             progress.update(task, advance=1, description=f"loss {row['loss']:.3f} val AUC {val_auc:.3f}")

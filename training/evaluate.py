@@ -26,6 +26,7 @@ from training.metrics import (  # noqa: E402
     roc_curve,
     sensitivity_specificity,
     threshold_for_sensitivity,
+    wilson_interval,
 )
 
 
@@ -97,6 +98,11 @@ def _cam_grid(path: Path, cache: SliceCache, rows, mask_rows, cams, hits, n: int
     grid.save(path)
 
 
+def _ci(rate: float, n) -> list[float]:
+    n = int(n)
+    return list(wilson_interval(int(round(rate * n)), n)) if n else [float("nan"), float("nan")]
+
+
 def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], run_dir: Path) -> dict:
     """Score the held-out test split and write report.json, roc.png, cam_grid.png."""
     device = pick_device(cfg.device)
@@ -134,7 +140,13 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
         "operating_point": {"threshold": threshold, "chosen_on": "val",
                             "target_sensitivity": cfg.eval.target_sensitivity,
                             "val_sensitivity": val_sens, "val_specificity": val_spec,
-                            "test_sensitivity": sens, "test_specificity": spec},
+                            "test_sensitivity": sens, "test_specificity": spec,
+                            "val_studies": {"positive": int(val_labels.sum()),
+                                            "negative": int(len(val_labels) - val_labels.sum())},
+                            "val_sensitivity_ci95": _ci(val_sens, val_labels.sum()),
+                            "val_specificity_ci95": _ci(val_spec, len(val_labels) - val_labels.sum()),
+                            "test_sensitivity_ci95": _ci(sens, test_labels.sum()),
+                            "test_specificity_ci95": _ci(spec, len(test_labels) - test_labels.sum())},
         "slice_auc_stage1": slice_auc,
         "pointing_game": {"slices": len(a_rows), "tolerance_mm": cfg.eval.pointing_tolerance_mm,
                           "score": float(hits.mean()) if len(hits) else float("nan"),

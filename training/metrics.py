@@ -73,3 +73,13 @@ def pointing_hits(cams: np.ndarray, masks: np.ndarray, tolerance_px: float) -> n
         if rows.size:
             hits[i] = float(np.min(np.hypot(rows - r, cols - c))) <= tolerance_px
     return hits
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n (nan when n is 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -49,6 +49,8 @@ def phantom_cmd(
              "family: matrix, field, slice spacing and thickness, kernel, noise, contrast, anatomy and emboli "
              "drawn per study; --matrix/--slices/--slice-spacing/--min-embolus-mm are not used) or shifted "
              "(the held-out test family).")] = "classic",
+    matrix_cap: Annotated[int | None, typer.Option(
+        help="With --style varied or shifted: the largest matrix rendered (the field of view is kept).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes generating studies in parallel.")] = 1,
 ) -> None:
     """Write synthetic CTPA studies (RSNA-STR PE layout, sparse masks) - synthetic, not patient data."""
@@ -57,7 +59,7 @@ def phantom_cmd(
                                  transfer_syntax=transfer_syntax, order=order,
                                  companions=_companions(companions), min_embolus_mm=min_embolus_mm,
                                  embolus_levels=tuple(v.strip() for v in embolus_levels.split(",") if v.strip()),
-                                 style=style)
+                                 style=style, matrix_cap=matrix_cap)
     except PhantomError as exc:
         raise typer.BadParameter(str(exc)) from exc
     start = time.perf_counter()

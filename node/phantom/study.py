@@ -60,6 +60,8 @@ class PhantomOptions:
             problems.append(f"slice spacing {self.slice_spacing_mm} mm (expected 0.1-20)")
         if not 2.0 <= self.min_embolus_mm <= 20.0:
             problems.append(f"smallest embolus {self.min_embolus_mm} mm (expected 2-20)")
+        if self.matrix_cap is not None and not 32 <= self.matrix_cap <= 1024:
+            problems.append(f"matrix cap {self.matrix_cap} (expected 32-1024)")
         if self.style not in STYLES:
             problems.append(f"style {self.style!r} (expected one of {', '.join(STYLES)})")
         known = set(EMBOLUS_LEVELS) if self.style != "classic" else set(CLASSIC_LEVELS)
