@@ -22,7 +22,7 @@ from node.phantom.styles import draw_variation
 from node.preprocess import average_slabs, resize
 
 SETTINGS = [(0.7, 1.0), (1.6, 4.5), (1.5, 3.0), (1.2, 2.5)]
-BINS = [(3.0, 6.0), (6.0, 10.0), (10.0, 26.0)]
+BINS = [(0.0, 6.0), (6.0, 10.0), (10.0, 1e9)]
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
                 visible = bool(core.any()) and float(small[core].min()) <= lumen - 100.0
                 seen[(pixel, slab)][size_bin][0] += int(visible)
                 seen[(pixel, slab)][size_bin][1] += 1
-    print("input pixel / slab   " + "   ".join(f"{lo:g}-{hi:g} mm" for lo, hi in BINS))
+    print("input pixel / slab   " + "   ".join(f"{lo:g}-{hi:g} mm".replace("-1e+09", "+") for lo, hi in BINS))
     base = seen[SETTINGS[0]]
     for s in SETTINGS:
         cells = []
