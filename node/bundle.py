@@ -73,6 +73,11 @@ class OperatingPoint(_Strict):
     target_sensitivity: float
     val_sensitivity: float
     val_specificity: float
+    #: Where it was chosen and how sure the validation figures are (bundles from 0.2 on).
+    chosen_on: str | None = None
+    val_studies: dict | None = None  # {"positive": n, "negative": n}
+    val_sensitivity_ci95: list[float] | None = None
+    val_specificity_ci95: list[float] | None = None
 
 
 class Manifest(_Strict):
@@ -91,6 +96,9 @@ class Manifest(_Strict):
     files: list[ModelFile]
     training: dict  # run, data summary, test metrics: for people, not read by the node
     parity: dict  # what the export measured, for people
+    #: Tests run on the exported bundle through the node's engine (scripts/check_bundle.py --record):
+    #: name, data, AUC, and sensitivity/specificity at the default operating point. For people.
+    evaluations: list[dict] = Field(default_factory=list)
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.preprocess)

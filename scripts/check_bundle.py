@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from node.bundle import load_bundle
 from node.inference import Engine
 from node.phantom import write_rsna_dataset
 from node.phantom.spec import EMBOLUS_LEVELS
@@ -236,6 +237,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=900001, help="seed of the fresh studies")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("var/check-bundle"))
+    parser.add_argument("--record", action="store_true",
+                        help="write each test's summary into the bundle's model.json (evaluations)")
     args = parser.parse_args()
     engine = Engine(args.bundle, device="cpu", precision=args.precision, threads=2)
     print(f"bundle {args.bundle}: {engine.describe()}")
@@ -264,6 +267,15 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps({"bundle": str(args.bundle), "engine": engine.describe(),
                                                        "tests": reports}, indent=1))
     print(f"wrote {args.out / 'results.json'} and the PNGs beside it")
+    if args.record:
+        manifest_path = args.bundle / "model.json"
+        manifest = json.loads(manifest_path.read_text())
+        names = {r["test"] for r in reports}
+        kept = [e for e in manifest.get("evaluations", []) if e["test"] not in names]
+        manifest["evaluations"] = kept + [{k: v for k, v in r.items() if k != "rows"} for r in reports]
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        load_bundle(args.bundle)  # still a valid bundle
+        print(f"recorded {len(reports)} test(s) in {manifest_path}")
     return 0
 
 
