@@ -95,13 +95,21 @@ def _hu(path: Path) -> np.ndarray:
     return ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
 
 
-def _pointing(result, index, masks: dict[str, np.ndarray], slab: int, tolerance_mm: float):
-    """(hit, key slice index, mask of the key slab) for the top key slice, or None without a mask there."""
+def _pointing(result, index, masks: dict[str, np.ndarray], slab: int, tolerance_mm: float,
+              embolus_slices: set[int]):
+    """(hit, key slice, mask of the key slab) for the top key slice; None when that cannot be told.
+
+    A key slab with no embolus in any of its slices (phantom.json) is a miss; one with emboli but
+    without an annotated mask (sparse annotation) cannot be judged.
+    """
     if not result.key_slices:
         return None
     key = result.key_slices[0]
     j = key.index // slab
-    uids = index.sop_instance_uids[j * slab:(j + 1) * slab]
+    members = range(j * slab, min((j + 1) * slab, len(index)))
+    uids = [index.sop_instance_uids[i] for i in members]
+    if not embolus_slices & set(members):
+        return False, key, np.zeros(index.shape, dtype=bool)
     slab_masks = [masks[u] for u in uids if u in masks]
     if not slab_masks:
         return None
@@ -135,7 +143,8 @@ def run_test(engine: Engine, name: str, dataset: Path, splits: Path | None, out:
         if row["pe"] and mask_file.is_file():
             with np.load(mask_file) as npz:
                 masks = {str(u): m for u, m in zip(npz["sop_instance_uid"], npz["mask"], strict=True)}
-            pointed = _pointing(result, index, masks, row["slab"], tolerance_mm)
+            slices = {k for e in emboli for k in e["slices"]}
+            pointed = _pointing(result, index, masks, row["slab"], tolerance_mm, slices)
             if pointed is not None:
                 row["hit"] = pointed[0]
                 if len(tiles) < 16:

@@ -304,3 +304,25 @@ def test_series_rules_from_config_refuse_thick_derived_and_gapped_series(study_d
     gapped = [p for p in index.paths if p != index.paths[len(index) // 2]]
     with pytest.raises(SeriesError, match="slices missing: a 24.0 mm gap"):
         check_spacing(index_series(gapped))
+
+
+def test_check_bundle_reports_a_named_test_with_intervals_levels_and_pointing(tmp_path):
+    data = tmp_path / "shifted"
+    write_rsna_dataset(data, studies=4, positive_fraction=0.5, seed=12,
+                       options=PhantomOptions(style="shifted", matrix_cap=96),
+                       annotated_fraction=1.0, annotated_slice_fraction=1.0)
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bundle.py"), "--bundle", str(DEMO),
+                           "--test", f"shifted={data}", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "results.json").read_text())["tests"][0]
+    assert report["test"] == "shifted" and report["studies"] == {"positive": 2, "negative": 2}
+    assert 0.0 <= report["auc"] <= 1.0 and len(report["auc_ci95"]) == 2
+    assert report["sensitivity"]["n"] == 2 and report["specificity"]["n"] == 2
+    assert report["pointing_game"]["n"] == 2  # every positive here has masks on every positive slice
+    assert set(report["sensitivity_by_level"]) == {"central", "lobar", "segmental", "subsegmental"}
+    assert (out / "shifted-roc.png").stat().st_size > 0 and (out / "shifted-cams.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bundle.py"), "--bundle", str(DEMO),
+                          "--test", "nothing-here"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "NAME=DATASET" in bad.stderr
