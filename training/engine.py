@@ -171,8 +171,9 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
     vpos, vneg, _ = _rows(cache, set(splits["val"]))
     vrng = np.random.default_rng(cfg.seed + 17)
-    vpos = np.sort(vrng.permutation(vpos)[:400])  # a fixed sample keeps the per-epoch check cheap
-    val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(2 * len(vpos), 200)]])
+    if len(vpos) > 400:  # a fixed sample keeps the per-epoch check cheap on a large validation split
+        vpos = np.sort(vrng.permutation(vpos)[:400])
+    val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
     val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
     n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
