@@ -178,7 +178,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
     n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
     n_matched = round((s.batch_size - n_pos - n_hard) * s.matched_negatives)
-    windows = [tuple(w) for w in cfg.preprocess.windows]
+    windows = [(float(c), float(w)) for c, w in cfg.preprocess.windows]
     hard = np.zeros(0, dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
     log = EpochLog(run_dir, "stage1")

@@ -9,6 +9,7 @@ ribs, spine), and :mod:`node.phantom.render` rasterises it at any resolution.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -258,10 +259,9 @@ class _Builder:
         hu_ao = hu_art * u(0.55, 0.9)
         hu_vein = u(115.0, 185.0)
         hu_svc = u(900.0, 1900.0)
-        v = self.v
-        if v is not None:
-            hu_art, hu_vein = v.hu_artery, v.hu_vein
-            hu_ao = hu_art * v.aorta_ratio
+        if self.v is not None:
+            hu_art, hu_vein = self.v.hu_artery, self.v.hu_vein
+            hu_ao = hu_art * self.v.aorta_ratio
         self.domes = [
             Ellipsoid("liver", Structure.LIVER, p(-40, -10, -190, 4), np.array([110, 100, 75.0]) * s,
                       u(*HU_RANGE[Structure.LIVER])),
@@ -470,7 +470,8 @@ class _Builder:
                 ta = trunk.arc_length()
                 lumen = float(trunk.radii[-1])
                 length = min(size, 18.0)
-                common = dict(level="central", size_mm=size, occlusive=False, radius_fraction=self.u(0.55, 0.8),
+                common: dict[str, Any] = dict(
+                    level="central", size_mm=size, occlusive=False, radius_fraction=self.u(0.55, 0.8),
                               offset_fraction=self.u(0.1, 0.3), offset_direction=rng.normal(0.0, 1.0, 3),
                               hu=self.u(*v.embolus_hu), kind="saddle",
                               wobble=np.column_stack([rng.normal(0.0, 0.3, (3, 3)), rng.uniform(0, 2 * np.pi, 3)]))
