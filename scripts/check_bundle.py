@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from node.inference import Engine
 from node.phantom import write_rsna_dataset
 from node.phantom.spec import EMBOLUS_LEVELS
 from node.series import index_series
+from training.metrics import wilson_interval  # numpy only: no torch needed
 
 LEVELS = list(EMBOLUS_LEVELS)
 SIZES = [("< 8 mm", 0.0, 8.0), ("8-15 mm", 8.0, 15.0), (">= 15 mm", 15.0, 1e9)]
@@ -62,18 +62,8 @@ def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, n: int = 2000) -> tupl
     return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def proportion(k: int, n: int) -> dict:
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_interval(k, n)
     return {"value": k / n if n else None, "k": k, "n": n, "ci95": [lo, hi]}
 
 
