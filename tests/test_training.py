@@ -14,8 +14,9 @@ from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, wri
 from node.preprocess import PreprocessSpec, preprocess
 from node.series import read_volume
 from training.cli import main as train_main
+from training.crops import MASK_ON, CropPlan, crop_batch
 from training.data import StudyRecord, build_cache, read_rsna, split_by_patient
-from training.losses import attention_loss
+from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
 from training.models import SliceNet, StudyNet
 
@@ -116,8 +117,33 @@ def test_attention_loss_is_lower_when_the_cam_points_inside_the_mask():
     mask[0, 4:8, 4:8] = 1.0
     on, off = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
     on[0, 1, 1], off[0, 6, 6] = 5.0, 5.0
-    for form in ("mass", "mse"):
+    for form in ("mass", "mse", "cells"):
         assert attention_loss(on, mask, form) < attention_loss(off, mask, form)
+
+
+def test_cell_loss_targets_exactly_the_cells_that_hold_embolus_pixels():
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 9, 27] = 0.5  # one pixel, in cell (2, 6) of an 8 x 8 map
+    right = torch.full((1, 8, 8), -8.0)
+    right[0, 2, 6] = 8.0
+    shifted = torch.full((1, 8, 8), -8.0)
+    shifted[0, 2, 5] = 8.0
+    assert cell_loss(right, mask) < 0.01 < cell_loss(shifted, mask)
+    faint = mask * 0.5  # 25 % of a pixel is under the 40 % the slab labels use: no target
+    assert cell_loss(torch.full((1, 8, 8), -8.0), faint) < 0.01
+
+
+def test_slice_net_can_append_its_own_verdict_and_the_study_net_can_read_only_that():
+    torch.manual_seed(0)
+    net = SliceNet(width=8, feature_scores=True).eval()
+    x = torch.rand(5, 3, 64, 64)
+    logit, feature, cam = net(x)
+    assert feature.shape == (5, 130) == (5, net.feature_dim)
+    assert torch.allclose(feature[:, -2], logit) and torch.allclose(feature[:, -1], cam.flatten(1).amax(1))
+    study = StudyNet(130, hidden=8, inputs="scores").eval()
+    changed = feature.clone()
+    changed[:, :-2] = torch.randn(5, 128)  # everything but the two scores
+    assert torch.equal(study(feature[None])[0], study(changed[None])[0])
 
 
 def test_stage1_loss_falls_on_a_fixed_batch_and_stays_finite():
@@ -228,3 +254,38 @@ def test_thin_slices_are_cached_as_the_slabs_the_node_will_analyse(tmp_path):
         labels = [study.image_labels[u] for u in volume.sop_instance_uids]
         assert entry["image_labels"] == [max(labels[i], labels[i + 1]) for i in range(0, 24, 2)]
         assert {int(k) for k in entry["mask_rows"]} == {i for i, lab in enumerate(entry["image_labels"]) if lab}
+
+
+def test_crops_take_their_label_from_the_mask_they_hold():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 120, (6, 3, 64, 64), dtype=np.uint8)
+    images[:, 0, 40:44, 10:14] = 200  # a bright vessel for the negatives to centre on
+    masks = np.zeros((2, 64, 64), np.uint8)
+    masks[0, 8:12, 50:54] = 255
+    masks[1, 30:33, 30:33] = 180
+    annotated, mask_of, negatives = np.array([0, 1]), {0: 0, 1: 1}, np.array([2, 3, 4, 5])
+    x, m, labels = crop_batch(images, masks, annotated, mask_of, negatives, 40, CropPlan(24), rng)
+    assert x.shape == (40, 3, 24, 24) and m.shape == (40, 24, 24) and x.dtype == np.uint8
+    held = (m >= MASK_ON).reshape(40, -1).any(axis=1)
+    np.testing.assert_array_equal(labels, held.astype(np.float32))
+    assert labels[:20].all()  # embolus crops: the clot always inside
+    assert not labels[20:].any()  # beside and vessel crops: none of it
+    for i in range(40):  # every crop is a window of one cached slice
+        assert any((x[i] == images[r][:, y:y + 24, c:c + 24]).all()
+                   for r in range(6) for y in range(41) for c in range(41))
+    with pytest.raises(ValueError, match="larger than the cached slices"):
+        crop_batch(images, masks, annotated, mask_of, negatives, 4, CropPlan(96), rng)
+
+
+def test_petriage_train_with_crops_cells_and_scores_runs_end_to_end(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"data.root={tiny_dataset}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
+                 "data.test_fraction=0.4", "preprocess.size=64", "stage1.width=8", "stage1.epochs=2",
+                 "stage1.steps_per_epoch=4", "stage1.batch_size=4", "stage1.crop=32", "stage1.crop_batch=8",
+                 "stage1.attention_loss=cells", "stage1.augmentation=full", "stage1.feature_scores=true",
+                 "stage2.inputs=scores", "stage2.epochs=2", "eval.bootstrap=200", "eval.overlay_examples=4"]
+    assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0, \
+        capsys.readouterr().err
+    assert np.load(run / "features.npy").shape == (10 * TINY.slices, 130)
+    log = [json.loads(line) for line in (run / "stage1_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(row["attention"]) and row["attention"] > 0 for row in log)

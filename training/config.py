@@ -54,7 +54,12 @@ class Stage1Settings(_Section):
     # that the level of a slice cannot stand in for the embolus.
     matched_negatives: float = Field(default=0.5, ge=0, le=1)
     attention_weight: float = Field(default=1.0, ge=0)  # lambda; 0 switches the attention loss off
-    attention_loss: Literal["mass", "mse"] = "mass"
+    # "cells": every CAM cell against the mask (training/losses.py), applied to PE-negative slices too
+    attention_loss: Literal["mass", "mse", "cells"] = "mass"
+    # Crops of this many input pixels alongside each full-slice batch (training/crops.py); None: none.
+    crop: int | None = Field(default=None, ge=32)
+    crop_batch: int = Field(default=48, ge=2)
+    feature_scores: bool = False  # append the slice logit and CAM peak to the feature stage 2 reads
     grad_clip: float = Field(default=5.0, gt=0)
     # "flip-shift": left-right flips and shifts only (the first recipe); "full": HU scale/offset,
     # window jitter, gamma, noise, blur/sharpen, rotation, scale, shift, flip (training/augment.py).
@@ -68,6 +73,7 @@ class Stage1Settings(_Section):
 
 class Stage2Settings(_Section):
     rnn: Literal["gru", "lstm"] = "gru"
+    inputs: Literal["all", "scores"] = "all"  # "scores": the slice logit and CAM peak only
     hidden: int = Field(default=64, ge=4)
     layers: int = Field(default=1, ge=1, le=4)
     dropout: float = Field(default=0.2, ge=0, lt=1)

@@ -25,6 +25,7 @@ from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
 from training.augment import geometry, intensity
 from training.config import TrainConfig
+from training.crops import CropPlan, crop_batch
 from training.data import SliceCache
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
@@ -82,7 +83,8 @@ class EpochLog:
 def build_slice_net(cfg: TrainConfig) -> SliceNet:
     s = cfg.stage1
     return SliceNet(depth=s.depth, width=s.width, in_channels=len(cfg.preprocess.windows),
-                    output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r)
+                    output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
+                    feature_scores=s.feature_scores)
 
 
 def _rows(cache: SliceCache, uids: set[str]) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
@@ -136,6 +138,36 @@ def _batch(cache: SliceCache, rows: np.ndarray, masks: dict[int, int]) -> tuple[
     return images, mask, has_mask
 
 
+def _step_loss(model: SliceNet, s, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+               has_mask: np.ndarray, rng: np.random.Generator, windows: list[tuple[float, float]],
+               device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice BCE and attention loss of one batch (augmented here).
+
+    ``has_mask``: the slice's pixel mask is complete (an annotated slab or a crop of one). The
+    ``cells`` form also supervises every PE-negative slice (its mask is empty by definition); the
+    other forms only the annotated PE slices, as in the paper.
+    """
+    x = torch.from_numpy(to_float(images)).to(device)
+    m = (torch.from_numpy(mask).float() / 255.0).to(device)
+    if s.augment and s.augmentation == "full":
+        x, m = geometry(x, m, rng, windows)
+        x = intensity(x, windows, rng)
+    elif s.augment:
+        x, m = _augment(x, m, rng)
+    with autocast:
+        logit, _, cam = model(x)
+    y = torch.from_numpy(labels).to(device)
+    bce = slice_loss(logit, y)
+    att = torch.zeros((), device=device)
+    if s.attention_loss == "cells":
+        known = torch.from_numpy(has_mask | (labels == 0)).to(device)
+    else:
+        known = torch.from_numpy(has_mask & (labels == 1)).to(device)
+    if s.attention_weight > 0 and bool(known.any()):
+        att = attention_loss(cam[known], m[known], s.attention_loss)
+    return bce, att
+
+
 def slice_scores(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
                  batch: int = 64) -> np.ndarray:
     model.eval()
@@ -181,6 +213,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     windows = [(float(c), float(w)) for c, w in cfg.preprocess.windows]
     hard = np.zeros(0, dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
+    annotated = np.array(sorted(r for r in masks if r in set(pos.tolist())), dtype=np.int64)
+    crop_plan = CropPlan(s.crop) if s.crop else None
+    if crop_plan is not None and not len(annotated):
+        raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with _progress() as progress:
@@ -199,22 +235,14 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                                        rng.choice(hard, k_hard) if k_hard else np.zeros(0, dtype=np.int64),
                                        rng.choice(neg, s.batch_size - n_pos - n_matched - k_hard)])
                 images, mask, has_mask = _batch(cache, rows, masks)
-                labels = torch.from_numpy(np.isin(np.sort(rows), pos).astype(np.float32)).to(device)
-                x = torch.from_numpy(to_float(images))
-                m = torch.from_numpy(mask).float() / 255.0
-                x, m = x.to(device), m.to(device)
-                if s.augment and s.augmentation == "full":
-                    x, m = geometry(x, m, rng, windows)
-                    x = intensity(x, windows, rng)
-                elif s.augment:
-                    x, m = _augment(x, m, rng)
-                with autocast:
-                    logit, _, cam = model(x)
-                bce = slice_loss(logit, labels)
-                att = torch.zeros((), device=device)
-                annotated = torch.from_numpy(has_mask).to(device)
-                if s.attention_weight > 0 and bool(annotated.any()):
-                    att = attention_loss(cam[annotated], m[annotated], s.attention_loss)
+                labels = np.isin(np.sort(rows), pos).astype(np.float32)
+                bce, att = _step_loss(model, s, images, mask, labels, has_mask, rng, windows, device, autocast)
+                if crop_plan is not None:
+                    cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, s.crop_batch,
+                                              crop_plan, rng)
+                    cbce, catt = _step_loss(model, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
+                                            device, autocast)
+                    bce, att = (bce + cbce) / 2, (att + catt) / 2
                 loss = bce + s.attention_weight * att
                 if not torch.isfinite(loss):
                     raise TrainingError(f"stage 1: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
@@ -322,7 +350,7 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     seed_everything(cfg.seed + 1)
     feats = np.load(run_dir / "features.npy")
     train, val = study_sequences(cache, feats, splits["train"]), study_sequences(cache, feats, splits["val"])
-    model = StudyNet(feats.shape[1], s.hidden, s.layers, s.rnn, s.dropout).to(device)
+    model = StudyNet(feats.shape[1], s.hidden, s.layers, s.rnn, s.dropout, s.inputs).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     log, best, best_loss, path = EpochLog(run_dir, "stage2"), -1.0, np.inf, run_dir / "stage2.pt"
     rng = np.random.default_rng(cfg.seed)
@@ -373,6 +401,6 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
 def load_study_net(path: Path, device: torch.device) -> StudyNet:
     ckpt = load_checkpoint(path)
     s = TrainConfig.model_validate(ckpt["config"]).stage2
-    model = StudyNet(ckpt["feature_dim"], s.hidden, s.layers, s.rnn, s.dropout)
+    model = StudyNet(ckpt["feature_dim"], s.hidden, s.layers, s.rnn, s.dropout, s.inputs)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

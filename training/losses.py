@@ -34,8 +34,24 @@ def attention_loss(cam: torch.Tensor, mask: torch.Tensor, form: str = "mass") ->
         flat = up.flatten(1)
         lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
         return F.mse_loss((flat - lo) / (hi - lo + 1e-6), target)
+    if form == "cells":
+        return cell_loss(cam, mask)
     raise ValueError(f"unknown attention loss {form!r}")
 
 
 def slice_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logit.float(), label.float())
+
+
+def cell_loss(cam: torch.Tensor, mask: torch.Tensor, pos_weight: float = 4.0) -> torch.Tensor:
+    """Every cell of the CAM as a detector: BCE against "this cell holds embolus pixels".
+
+    ``mask`` (B, H, W) must be complete for these slices (annotated PE slices, or PE-negative slices
+    whose mask is empty). A cell's target is 1 when any of its pixels is at least 40 % embolus (the
+    slab labels' rule). This is the attention loss in its densest form: it pulls the attention map onto
+    the mask and pushes it off everything else, the confounders included.
+    """
+    h, w = int(cam.shape[-2]), int(cam.shape[-1])
+    target = F.adaptive_max_pool2d((mask >= 0.4).float()[:, None], (h, w))[:, 0]
+    weight = torch.tensor(pos_weight, device=cam.device)
+    return F.binary_cross_entropy_with_logits(cam.float(), target, pos_weight=weight)

@@ -12,7 +12,9 @@ class activation map (``cam``, in logit units, bias included). The slice logit p
 
 Either way the CAM is a plain forward computation that exports to ONNX. The feature vector handed to
 stage 2 is the average-pooled feature map next to the feature map pooled with the CAM's spatial
-softmax as weights (what the network looked at).
+softmax as weights (what the network looked at); with ``feature_scores`` the slice logit and the CAM's
+peak follow, and stage 2 may read those two alone (``inputs="scores"``): a sequence model over the
+slices' verdicts cannot learn the scanner from 512 feature dimensions.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class SliceNet(nn.Module):
     """ResNet-18/34 (plain torch) returning slice logit, pooled feature and CAM."""
 
     def __init__(self, depth: int = 18, width: int = 64, in_channels: int = 3, output_stride: int = 16,
-                 pooling: str = "lse", lse_r: float = 1.0):
+                 pooling: str = "lse", lse_r: float = 1.0, feature_scores: bool = False):
         super().__init__()
+        self.feature_scores = feature_scores
         if pooling not in ("avg", "lse"):
             raise ValueError(f"pooling {pooling!r} is not avg or lse")
         self.pooling, self.lse_r = pooling, lse_r
@@ -64,7 +67,7 @@ class SliceNet(nn.Module):
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, 1)
-        self.feature_dim = 2 * cin
+        self.feature_dim = 2 * cin + (2 if feature_scores else 0)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -82,7 +85,10 @@ class SliceNet(nn.Module):
             n = torch.tensor(float(flat.shape[1]), device=flat.device)
             logit = (torch.logsumexp(self.lse_r * flat, dim=1) - torch.log(n)) / self.lse_r
         attention = torch.softmax(flat, dim=1).view_as(cam)
-        feature = torch.cat([fmap.mean(dim=(2, 3)), torch.einsum("bchw,bhw->bc", fmap, attention)], dim=1)
+        parts = [fmap.mean(dim=(2, 3)), torch.einsum("bchw,bhw->bc", fmap, attention)]
+        if self.feature_scores:  # the slice's own verdict, last: its logit and its CAM's peak
+            parts += [logit[:, None], flat.amax(dim=1, keepdim=True)]
+        feature = torch.cat(parts, dim=1)
         return logit, feature, cam
 
 
@@ -90,9 +96,14 @@ class StudyNet(nn.Module):
     """Bidirectional GRU/LSTM over the stage-1 features of a study's slices (head first)."""
 
     def __init__(self, feature_dim: int, hidden: int = 64, layers: int = 1, rnn: str = "gru",
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, inputs: str = "all"):
         super().__init__()
-        self.norm = nn.LayerNorm(feature_dim)
+        if inputs not in ("all", "scores"):
+            raise ValueError(f"inputs {inputs!r} is not all or scores")
+        self.inputs = inputs
+        if inputs == "scores":  # only the slice scores a feature_scores SliceNet appends to its feature
+            feature_dim = 2
+        self.norm = nn.LayerNorm(feature_dim) if inputs == "all" else nn.Identity()
         self.drop = nn.Dropout(dropout)
         cls = nn.GRU if rnn == "gru" else nn.LSTM
         self.rnn = cls(feature_dim, hidden, layers, batch_first=True, bidirectional=True,
@@ -103,6 +114,8 @@ class StudyNet(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, F), lengths (B,) or None (all T valid) -> study logit (B,), slice logits (B, T)."""
+        if self.inputs == "scores":
+            features = features[..., -2:]
         x = self.drop(self.norm(features))
         t = x.shape[1]
         if lengths is None:
