@@ -50,6 +50,11 @@ def test_the_shifted_family_uses_other_primitives_and_settings_than_training():
     assert {v.noise_model for v in shifted} == {"laplace-attenuation"}
     assert all(v.edge_mm == 0 for v in varied) and all(v.edge_mm >= 1.5 for v in shifted)
     assert all(v.artery_taper <= 0.2 for v in varied) and all(v.artery_taper >= 0.25 for v in shifted)
+    # other body, heart and tree primitives than training ever sees
+    assert {v.body_power for v in varied} == {2.0} and all(v.body_power >= 2.6 for v in shifted)
+    assert {v.heart_scale for v in varied} == {1.0} and all(v.heart_scale >= 1.08 for v in shifted)
+    assert {v.branch_heading for v in varied} == {0.45} and all(v.branch_heading >= 1.2 for v in shifted)
+    assert all(v.level_weights[2] > v.level_weights[0] for v in shifted)  # mostly segmental, not central
 
 
 @pytest.fixture(scope="module")

@@ -186,8 +186,9 @@ class _Builder:
         prof = np.sqrt(np.clip(1.0 - q * q, 1e-6, None))
         ax = self.lung_radii[0] * prof - margin
         ay = self.lung_radii[1] * prof - margin
+        n = self.v.body_power if self.v else 2.0
         with np.errstate(divide="ignore", invalid="ignore"):
-            rho = np.hypot((x - centers[:, 0]) / ax, (y - centers[:, 1]) / ay)
+            rho = (np.abs((x - centers[:, 0]) / ax) ** n + np.abs((y - centers[:, 1]) / ay) ** n) ** (1.0 / n)
         outside = (z > self.lung_apex_z) | (z < self.lung_floor_z) | (ax <= 1) | (ay <= 1)
         for center, radii in [(d.center, d.radii) for d in self.domes] + [self.heart]:
             d = (pts - center) / (radii + 4.0 + margin)
@@ -198,7 +199,8 @@ class _Builder:
                          tries: int = 14) -> np.ndarray:
         """End point of a branch: a random direction, near the parent's, that stays inside the lung."""
         spread = 0.6 * (self.v.branch_spread if self.v else 1.0)
-        d = heading / np.linalg.norm(heading) * 0.45 + self.rng.normal(0.0, spread, (tries, 3))
+        keep = self.v.branch_heading if self.v else 0.45
+        d = heading / np.linalg.norm(heading) * keep + self.rng.normal(0.0, spread, (tries, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         ends = start + d * length
         samples = start + d[:, None, :] * length * np.array([0.5, 0.8, 1.0])[None, :, None]
@@ -270,11 +272,16 @@ class _Builder:
         ]
 
         heart_c = p(16, -36, -92, 3)
-        self.heart = (heart_c, np.array([74, 58, 54.0]) * s)
+        hs = self.v.heart_scale if self.v else 1.0
+        if self.v is not None:
+            heart_c = heart_c + np.asarray(self.v.heart_shift_mm) * s
+        self.heart = (heart_c, np.array([74, 58, 54.0]) * s * hs)
         tubes: list[Tube] = []
         pa = Structure.PULMONARY_ARTERY
         # Central pulmonary arteries: trunk from the right-ventricular outflow, then right and left.
         valve, bif = p(24, -50, -60), p(14, -10, -8)
+        if self.v is not None:
+            bif = bif + np.asarray(self.v.hilum_shift_mm) * s
         trunk = make_tube("trunk", pa, [valve, p(30, -36, -32), bif], [14 * s, 14 * s, 13 * s], hu_art,
                           level=0)
         rpa = make_tube("RPA", pa, [bif, p(-10, -5, -12), p(-35, -2, -14), p(-55, -2, -20)],
@@ -359,17 +366,17 @@ class _Builder:
 
         # Heart in the pulmonary arterial phase: right chambers dense, left chambers like the veins.
         ellipsoids = [
-            Ellipsoid("pericardial fat", Structure.FAT, heart_c, np.array([74, 58, 54.0]) * s, -95.0),
-            Ellipsoid("myocardium", Structure.MYOCARDIUM, heart_c, np.array([70, 54, 50.0]) * s,
+            Ellipsoid("pericardial fat", Structure.FAT, heart_c, np.array([74, 58, 54.0]) * s * hs, -95.0),
+            Ellipsoid("myocardium", Structure.MYOCARDIUM, heart_c, np.array([70, 54, 50.0]) * s * hs,
                       u(*HU_RANGE[Structure.MYOCARDIUM])),
-            Ellipsoid("right ventricle", Structure.HEART_BLOOD, heart_c + np.array([-2, -24, -2]) * s,
-                      np.array([40, 20, 34.0]) * s, hu_art, enhanced=True),
-            Ellipsoid("right atrium", Structure.HEART_BLOOD, heart_c + np.array([-46, 6, 8]) * s,
-                      np.array([24, 24, 30.0]) * s, hu_art * 0.92, enhanced=True),
-            Ellipsoid("left ventricle", Structure.HEART_BLOOD, heart_c + np.array([24, 10, -8]) * s,
-                      np.array([28, 24, 30.0]) * s, hu_vein, enhanced=True),
-            Ellipsoid("left atrium", Structure.HEART_BLOOD, heart_c + np.array([-4, 36, 28]) * s,
-                      np.array([28, 15, 16.0]) * s, hu_vein, enhanced=True),
+            Ellipsoid("right ventricle", Structure.HEART_BLOOD, heart_c + np.array([-2, -24, -2]) * s * hs,
+                      np.array([40, 20, 34.0]) * s * hs, hu_art, enhanced=True),
+            Ellipsoid("right atrium", Structure.HEART_BLOOD, heart_c + np.array([-46, 6, 8]) * s * hs,
+                      np.array([24, 24, 30.0]) * s * hs, hu_art * 0.92, enhanced=True),
+            Ellipsoid("left ventricle", Structure.HEART_BLOOD, heart_c + np.array([24, 10, -8]) * s * hs,
+                      np.array([28, 24, 30.0]) * s * hs, hu_vein, enhanced=True),
+            Ellipsoid("left atrium", Structure.HEART_BLOOD, heart_c + np.array([-4, 36, 28]) * s * hs,
+                      np.array([28, 15, 16.0]) * s * hs, hu_vein, enhanced=True),
         ]
         # Lymph nodes beside the hilar arteries: soft tissue outside the lumen, a classic mimic.
         for _ in range(int(rng.integers(*(self.v.lymph_nodes if self.v else (1, 5))))):

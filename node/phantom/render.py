@@ -235,14 +235,14 @@ class _SliceCanvas:
         blend(self.hu, self.labels, region, f, value, code)
 
     def ellipse(self, cx: float, cy: float, a: float, b: float, value, code: Structure, *,
-                k: int | slice = slice(None), cut=None) -> None:
-        """Blend an ellipse; ``cut(x, y)`` returns a fraction to remove (0-1) from it."""
+                k: int | slice = slice(None), cut=None, power: float = 2.0) -> None:
+        """Blend an ellipse (a superellipse for ``power`` > 2); ``cut(x, y)`` returns a fraction to remove."""
         g, h = self.grid, self.h
         sy, sx = _index_range(g.ys, cy - b - h, cy + b + h), _index_range(g.xs, cx - a - h, cx + a + h)
         if sy.stop == sy.start or sx.stop == sx.start:
             return
         x, y = g.xs[sx][None, :], g.ys[sy][:, None]
-        f = _ellipse_fraction(x, y, cx, cy, a, b, h)
+        f = _ellipse_fraction(x, y, cx, cy, a, b, h, power)
         if cut is not None:
             f = f * (1.0 - cut(x, y))
         if callable(value):
@@ -250,8 +250,11 @@ class _SliceCanvas:
         self.put((k, sy, sx), f.astype(np.float32), value, code)
 
 
-def _ellipse_fraction(x, y, cx, cy, a, b, h):
-    rho = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
+def _ellipse_fraction(x, y, cx, cy, a, b, h, power: float = 2.0):
+    if power == 2.0:
+        rho = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
+    else:
+        rho = (np.abs((x - cx) / a) ** power + np.abs((y - cy) / b) ** power) ** (1.0 / power)
     return np.clip(0.5 + (1.0 - rho) * min(a, b) / h, 0.0, 1.0)
 
 
@@ -265,9 +268,10 @@ def _paint_slices(p: _Painter, an: Anatomy, contrast: bool) -> None:
     for lo, hi, value in ((0.0, 2.5, 250.0), (2.5, 20.0, -850.0), (20.0, 22.5, 250.0)):
         rows = _index_range(g.ys, an.table_y + lo, an.table_y + hi - 1e-6)
         c.put((slice(None), rows, slice(None)), np.ones((1, 1), np.float32), value, Structure.TABLE)
-    c.ellipse(0, 0, a + an.fat_mm, b + an.fat_mm, an.hu_fat, Structure.FAT)
-    c.ellipse(0, 0, a, b, an.hu_soft, Structure.SOFT_TISSUE)
-    c.ellipse(0, 0, a - 16 * s, b - 16 * s, an.hu_fat, Structure.FAT)  # mediastinal fat
+    n = an.variation.body_power if an.variation else 2.0
+    c.ellipse(0, 0, a + an.fat_mm, b + an.fat_mm, an.hu_fat, Structure.FAT, power=n)
+    c.ellipse(0, 0, a, b, an.hu_soft, Structure.SOFT_TISSUE, power=n)
+    c.ellipse(0, 0, a - 16 * s, b - 16 * s, an.hu_fat, Structure.FAT, power=n)  # mediastinal fat
     sy = an.spine_y
     c.ellipse(0, sy + 30 * s, 21 * s, 13 * s, 450.0, Structure.BONE)  # posterior arch
     c.ellipse(0, sy + 42 * s, 4 * s, 8 * s, 450.0, Structure.BONE)  # spinous process
@@ -312,7 +316,7 @@ def _paint_slices(p: _Painter, an: Anatomy, contrast: bool) -> None:
             def lung(x, y, rows, cols, cy=cy, texture=texture, tex_hu=tex_hu):
                 return an.lung_hu + 35.0 * (y - cy) / an.lung_radii[1] + tex_hu * texture[rows, cols]
 
-            c.ellipse(cx, cy, ax, ay, lung, Structure.LUNG, k=k, cut=cut)
+            c.ellipse(cx, cy, ax, ay, lung, Structure.LUNG, k=k, cut=cut, power=n)
     _paint_ribs(c, an)
 
 

@@ -18,7 +18,9 @@
     with soft, wide edges), another intensity model (arteries dimming towards the periphery,
     Laplace-distributed noise that grows with attenuation, patchy lung texture), another tree
     (fewer, straighter, longer branches), a wider habitus and other scanner settings (512 matrix,
-    340-420 mm field, 1.0-1.5 mm slices, sharp kernel).
+    340-420 mm field, 1.0-1.5 mm slices, sharp kernel), other body and organ shapes (a boxy chest and
+    lungs drawn as superellipses, a larger heart lying further left and lower, hila higher and further
+    back) and emboli drawn towards segmental arteries.
 
 Every draw comes from the study seed, so a seed gives the same study in every family run.
 """
@@ -74,6 +76,12 @@ class Variation:
     motion: float  # share of heart-level slices with a motion ghost
     lung_texture: tuple[float, float]  # (correlation mm, amplitude HU)
     kernel_name: str
+    # other primitives (the shifted family's; the defaults are the classic and varied shapes)
+    body_power: float = 2.0  # exponent of the body and lung outlines: 2 an ellipse, 3 a rounded box
+    heart_shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    heart_scale: float = 1.0
+    hilum_shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # moves the trunk's bifurcation and hila
+    branch_heading: float = 0.45  # weight of the parent's direction in a branch's (more: straighter tree)
 
 
 def draw_variation(seed: int, family: str) -> Variation:
@@ -111,7 +119,7 @@ def draw_variation(seed: int, family: str) -> Variation:
             tortuosity_mm=0.5, tree_depth=3,
             lymph_nodes=(2, 5), flow_probability=0.4,
             emboli_count=(1, 4), embolus_mm=(5.0, 22.0), embolus_hu=(10.0, 80.0),
-            level_weights=(0.3, 0.35, 0.35, 0.0), embolus_primitive="blobs",
+            level_weights=(0.15, 0.35, 0.5, 0.0), embolus_primitive="blobs",
             matrix=512, fov_mm=u(340.0, 420.0), slice_spacing_mm=float(rng.choice([1.0, 1.25, 1.5])),
             thickness_ratio=1.0, coverage_mm=u(260.0, 300.0),
             offset_mm=(u(-15.0, 15.0), u(-10.0, 25.0), u(-10.0, 10.0)),
@@ -119,5 +127,8 @@ def draw_variation(seed: int, family: str) -> Variation:
             kernel_sigma_mm=0.0, sharpen=u(0.3, 0.6), edge_mm=u(1.5, 2.5),
             streak_gain=u(0.5, 1.0), motion=0.0, lung_texture=(u(3.0, 5.0), u(25.0, 45.0)),
             kernel_name="I40f",
+            body_power=u(2.6, 3.4), heart_shift_mm=(u(8.0, 18.0), u(4.0, 12.0), u(-12.0, 0.0)),
+            heart_scale=u(1.08, 1.2), hilum_shift_mm=(u(-4.0, 4.0), u(4.0, 10.0), u(8.0, 16.0)),
+            branch_heading=u(1.2, 1.6),
         )
     raise ValueError(f"style {family!r} has no variation (expected varied or shifted)")
