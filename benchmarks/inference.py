@@ -85,9 +85,10 @@ def main() -> int:
     else:
         torch.manual_seed(0)
         net = SliceNet(depth=arch["depth"], width=arch["width"], in_channels=spec.channels,
-                       output_stride=manifest.cam_stride).eval()
+                       output_stride=manifest.cam_stride, feature_scores=arch.get("feature_scores", False)).eval()
         study_net = StudyNet(net.feature_dim, manifest.training["stage2"]["hidden"],
-                             rnn=manifest.training["stage2"]["rnn"]).eval()
+                             rnn=manifest.training["stage2"]["rnn"],
+                             inputs=manifest.training["stage2"].get("inputs", "all")).eval()
         weights = "seeded random weights of the bundle's architecture"
     print(f"weights: {weights}; input {spec.size} px, {spec.channels} channels; {args.threads} threads; "
           f"onnxruntime {ort.__version__}, torch {torch.__version__}")

@@ -260,7 +260,7 @@ def test_the_committed_demo_bundle_verifies_is_small_and_says_it_is_synthetic():
     m = bundle.manifest
     assert m.synthetic_training_data and m.warning == "synthetic training data - not for clinical use"
     assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 25 * 2**20
-    assert m.spec().slab_mm == 4.5 and m.parity["max_abs_study_probability_difference"] <= 1e-4
+    assert m.spec().slab_mm == 3.0 and m.parity["max_abs_study_probability_difference"] <= 1e-4
     assert "not for clinical use" in (DEMO / "COMMANDS.md").read_text()
 
 
