@@ -21,11 +21,14 @@ negative, never a mislabelled positive.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-MASK_ON = 102  # mask byte >= 0.4 of a pixel inside an embolus, as the cache's slab labels
+from training.losses import EMBOLUS_FRACTION
+
+MASK_ON = math.ceil(EMBOLUS_FRACTION * 255)  # the same rule on the cache's mask bytes (102)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
 from training.augment import geometry, intensity
-from training.config import TrainConfig
+from training.config import Stage1Settings, TrainConfig
 from training.crops import CropPlan, crop_batch
 from training.data import SliceCache
 from training.losses import attention_loss, slice_loss
@@ -138,7 +138,7 @@ def _batch(cache: SliceCache, rows: np.ndarray, masks: dict[int, int]) -> tuple[
     return images, mask, has_mask
 
 
-def _step_loss(model: SliceNet, s, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+def _step_loss(model: SliceNet, s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
                has_mask: np.ndarray, rng: np.random.Generator, windows: list[tuple[float, float]],
                device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice BCE and attention loss of one batch (augmented here).
@@ -213,7 +213,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     windows = [(float(c), float(w)) for c, w in cfg.preprocess.windows]
     hard = np.zeros(0, dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
-    annotated = np.array(sorted(r for r in masks if r in set(pos.tolist())), dtype=np.int64)
+    annotated = np.intersect1d(np.fromiter(masks, dtype=np.int64, count=len(masks)), pos)  # sorted
     crop_plan = CropPlan(s.crop) if s.crop else None
     if crop_plan is not None and not len(annotated):
         raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")

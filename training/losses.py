@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+EMBOLUS_FRACTION = 0.4  # a pixel at least this much embolus counts as embolus (the phantom's voxel rule)
+
 
 def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) CAM to (B, H, W), bilinear."""
@@ -52,6 +54,6 @@ def cell_loss(cam: torch.Tensor, mask: torch.Tensor, pos_weight: float = 4.0) ->
     the mask and pushes it off everything else, the confounders included.
     """
     h, w = int(cam.shape[-2]), int(cam.shape[-1])
-    target = F.adaptive_max_pool2d((mask >= 0.4).float()[:, None], (h, w))[:, 0]
+    target = F.adaptive_max_pool2d((mask >= EMBOLUS_FRACTION).float()[:, None], (h, w))[:, 0]
     weight = torch.tensor(pos_weight, device=cam.device)
     return F.binary_cross_entropy_with_logits(cam.float(), target, pos_weight=weight)

@@ -157,6 +157,14 @@ def make_tube(name: str, structure: Structure, control: list, radii: list, hu: l
     return Tube(name, structure, pts, r, hu_arr, level, side)
 
 
+def outline_radius(u, v, power: float = 2.0):
+    """Normalised radius of (u, v) for the body and lung outlines: 1 on the outline, an ellipse for
+    power 2 (computed as a hypotenuse, so the classic family stays bit-identical), a rounded box above."""
+    if power == 2.0:
+        return np.hypot(u, v)
+    return (np.abs(u) ** power + np.abs(v) ** power) ** (1.0 / power)
+
+
 class _Builder:
     """Draws one patient from a random generator; the order of draws is part of the seed contract."""
 
@@ -186,9 +194,9 @@ class _Builder:
         prof = np.sqrt(np.clip(1.0 - q * q, 1e-6, None))
         ax = self.lung_radii[0] * prof - margin
         ay = self.lung_radii[1] * prof - margin
-        n = self.v.body_power if self.v else 2.0
         with np.errstate(divide="ignore", invalid="ignore"):
-            rho = (np.abs((x - centers[:, 0]) / ax) ** n + np.abs((y - centers[:, 1]) / ay) ** n) ** (1.0 / n)
+            rho = outline_radius((x - centers[:, 0]) / ax, (y - centers[:, 1]) / ay,
+                                 self.v.body_power if self.v else 2.0)
         outside = (z > self.lung_apex_z) | (z < self.lung_floor_z) | (ax <= 1) | (ay <= 1)
         for center, radii in [(d.center, d.radii) for d in self.domes] + [self.heart]:
             d = (pts - center) / (radii + 4.0 + margin)

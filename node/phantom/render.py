@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from node.phantom.anatomy import Anatomy, Ellipsoid, Embolus, Tube
+from node.phantom.anatomy import Anatomy, Ellipsoid, Embolus, Tube, outline_radius
 from node.phantom.spec import UNENHANCED_BLOOD_HU, Structure
 
 
@@ -251,10 +251,10 @@ class _SliceCanvas:
 
 
 def _ellipse_fraction(x, y, cx, cy, a, b, h, power: float = 2.0):
-    if power == 2.0:
+    if power == 2.0:  # the classic expression, kept so that classic studies stay bit-identical
         rho = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
     else:
-        rho = (np.abs((x - cx) / a) ** power + np.abs((y - cy) / b) ** power) ** (1.0 / power)
+        rho = outline_radius((x - cx) / a, (y - cy) / b, power)
     return np.clip(0.5 + (1.0 - rho) * min(a, b) / h, 0.0, 1.0)
 
 
