@@ -1,5 +1,6 @@
 """Study completion: a study is complete when no instance of it has arrived for ``quiet_seconds``, or
-``max_wait_seconds`` after its first instance, whichever comes first.
+``max_wait_seconds`` after its first instance, whichever comes first. A study that keeps receiving
+after that is analysed again at most once per ``max_wait_seconds``, and once more when it is quiet.
 
 The decision lives in the store (``Store.complete_quiet_studies``), so half-received studies survive a
 restart of the node: the sweep simply finds them again. APScheduler runs the sweep every few seconds;

@@ -29,7 +29,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
@@ -84,6 +86,8 @@ studies = Table(
     Column("last_received_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
     Column("urgent", Boolean, nullable=False, default=False),  # the source asked for priority
+    # Start of the current max-wait window: the first instance, or the first one after a completion.
+    Column("wait_started_at", DateTime(timezone=True)),
 )
 
 jobs = Table(
@@ -103,6 +107,7 @@ jobs = Table(
     Column("delivered", Text, nullable=False, default="[]"),  # JSON list of destinations that took everything
     Column("send_attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", DateTime(timezone=True)),
+    Column("trigger", Text),  # why the study was analysed: quiet, or max-wait while it was still receiving
 )
 
 notifications = Table(
@@ -176,6 +181,18 @@ def database_url(storage_root: Path) -> str:
     return f"sqlite:///{Path(storage_root) / 'petriage.db'}"
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a store made by an earlier version lacks (its rows keep their data)."""
+    have = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in have.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 class Store:
     """Access to the node's tables; one per process, thread-safe through SQLAlchemy's pool."""
 
@@ -186,6 +203,7 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the store at {url}: {exc}") from exc
 
@@ -215,7 +233,7 @@ class Store:
                 if study is None:
                     conn.execute(insert(studies).values(
                         study_instance_uid=item.study_instance_uid, state=StudyState.RECEIVING, instances=1,
-                        first_received_at=now, last_received_at=now, urgent=item.urgent))
+                        first_received_at=now, last_received_at=now, wait_started_at=now, urgent=item.urgent))
                     conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
                                                        kind="study-started",
                                                        detail=f"from {item.calling_ae_title}"
@@ -225,7 +243,7 @@ class Store:
                     if item.urgent:
                         values["urgent"] = True
                     if study.state != StudyState.RECEIVING:
-                        values |= {"state": StudyState.RECEIVING, "completed_at": None}
+                        values |= {"state": StudyState.RECEIVING, "completed_at": None, "wait_started_at": now}
                         conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
                                                            kind="study-reopened", detail=item.sop_instance_uid))
                     conn.execute(update(studies).where(studies.c.study_instance_uid == item.study_instance_uid)
@@ -238,39 +256,48 @@ class Store:
                                priority_of: Callable[[bool], int] = lambda urgent: 0) -> list[str]:
         """Mark receiving studies complete (quiet long enough, or waiting too long) and queue a job for each.
 
-        A study reopened by a late instance is queued again when it is quiet again: once, however many
-        late instances arrived. A study that already has a queued job gets no second one. A new job's
-        priority is ``priority_of(urgent)`` (the pending triage priority).
+        ``max_wait_seconds`` bounds how long a study that keeps receiving waits for its analysis, and it
+        counts from the first instance or from the first one after the last completion: a study that
+        never falls quiet is analysed once per max-wait while it arrives, then once more when it is quiet,
+        never at every sweep. A study reopened by late instances is queued again once, however many
+        arrived. A study that already has a queued job gets no second one. A new job's priority is
+        ``priority_of(urgent)`` (the pending triage priority); its ``trigger`` says why it was queued.
         """
         quiet_before = now - dt.timedelta(seconds=quiet_seconds)
         started_before = now - dt.timedelta(seconds=max_wait_seconds)
+        window = func.coalesce(studies.c.wait_started_at, studies.c.first_received_at)
         done: list[str] = []
         try:
             with self.engine.begin() as conn:
                 rows = conn.execute(select(studies.c.study_instance_uid, studies.c.last_received_at,
-                                           studies.c.urgent).where(
+                                           studies.c.urgent, studies.c.instances).where(
                     studies.c.state == StudyState.RECEIVING,
-                    (studies.c.last_received_at <= quiet_before) | (studies.c.first_received_at <= started_before),
+                    (studies.c.last_received_at <= quiet_before) | (window <= started_before),
                 )).all()
                 for row in rows:
                     uid = row.study_instance_uid
-                    why = "quiet" if naive_utc(row.last_received_at) <= naive_utc(quiet_before) else "max-wait"
+                    key = "quiet" if naive_utc(row.last_received_at) <= naive_utc(quiet_before) else "max-wait"
+                    if key == "quiet":
+                        why = f"quiet: no new instance for {quiet_seconds:g} s, {row.instances} instances"
+                    else:
+                        why = (f"max-wait: still receiving after {max_wait_seconds:g} s, {row.instances} instances "
+                               "so far; analysed again once quiet")
                     changed = conn.execute(update(studies).where(studies.c.study_instance_uid == uid,
                                                                  studies.c.state == StudyState.RECEIVING)
                                            .values(state=StudyState.COMPLETE, completed_at=now)).rowcount
                     if changed != 1:
                         continue
                     conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="study-complete",
-                                                       detail=why))
+                                                       detail=key))
                     queued = conn.execute(select(jobs.c.id).where(jobs.c.study_instance_uid == uid,
                                                                   jobs.c.state == JobState.QUEUED)).first()
                     if queued is None:
                         job = conn.execute(insert(jobs).values(study_instance_uid=uid, state=JobState.QUEUED,
                                                                priority=priority_of(bool(row.urgent)),
-                                                               attempts=0, created_at=now,
-                                                               updated_at=now)).inserted_primary_key
+                                                               attempts=0, created_at=now, updated_at=now,
+                                                               trigger=why)).inserted_primary_key
                         conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="job-queued",
-                                                           detail=f"job {job[0] if job else '?'}"))
+                                                           detail=f"job {job[0] if job else '?'}: {why}"))
                     done.append(uid)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot complete studies: {exc}") from exc

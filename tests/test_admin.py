@@ -69,6 +69,7 @@ def test_an_admin_finds_why_a_study_failed_retries_it_and_sees_it_queued_again(n
 
     code, out, _ = _run(capsys, config, "queue", "show", str(failed))
     assert code == 0 and "spooled files are missing" in out and "job-failed" in out
+    assert "analysed because quiet: no new instance for 1 s, 3 instances" in out
 
     code, out, _ = _run(capsys, config, "queue", "retry", str(failed))
     assert code == 0 and "queued" in out

@@ -85,6 +85,49 @@ def test_a_study_that_never_goes_quiet_completes_at_max_wait(store):
     assert store.events_of("1.2.4")[-2]["detail"] == "max-wait"
 
 
+def test_a_study_that_keeps_receiving_is_analysed_once_per_max_wait_and_once_more_when_quiet(store):
+    clock = Clock()
+    assembler = Assembler(store, StudySettings(quiet_seconds=5, max_wait_seconds=20), clock)
+    analysed_at = []  # each job is analysed at once, as an idle worker would
+    for second in range(90):
+        if second < 60:  # one slice a second for a minute
+            store.record_instance(_item("1.2.6", f"1.2.6.{second}"), clock())
+        assembler.sweep()
+        job = store.claim_job("w", 60, clock())
+        if job is not None:
+            analysed_at.append(second)
+            store.finish_job(job["id"], "w", JobState.DONE, "ok", clock())
+        clock.advance(1)
+    assert analysed_at == [20, 41, 62]  # at max-wait, max-wait again, then the whole study
+    triggers = [j["trigger"] for j in store.jobs_of("1.2.6")]
+    assert triggers[0].startswith("max-wait: still receiving after 20 s, 21 instances")
+    assert triggers[-1] == "quiet: no new instance for 5 s, 60 instances" or triggers[-1].startswith("max-wait")
+    assert store.study("1.2.6")["instances"] == 60
+
+
+def test_a_store_made_before_the_max_wait_window_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the studies and jobs tables as the previous version made them
+        db.execute("CREATE TABLE studies (study_instance_uid VARCHAR(64) PRIMARY KEY, state VARCHAR(16) NOT NULL, "
+                   "reason TEXT, instances INTEGER NOT NULL, first_received_at DATETIME NOT NULL, "
+                   "last_received_at DATETIME NOT NULL, completed_at DATETIME, urgent BOOLEAN NOT NULL)")
+        db.execute("INSERT INTO studies VALUES ('1.2.7', 'receiving', NULL, 3, '2026-11-26 12:00:00.000000', "
+                   "'2026-11-26 12:00:30.000000', NULL, 0)")
+        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, study_instance_uid VARCHAR(64) NOT NULL, "
+                   "state VARCHAR(16) NOT NULL, priority INTEGER NOT NULL, reason TEXT, attempts INTEGER NOT NULL, "
+                   "lease_owner VARCHAR(64), lease_expires_at DATETIME, created_at DATETIME NOT NULL, "
+                   "updated_at DATETIME NOT NULL, result TEXT, outbox TEXT, delivered TEXT NOT NULL, "
+                   "send_attempts INTEGER NOT NULL, next_attempt_at DATETIME)")
+    store = Store(f"sqlite:///{path}")
+    clock = Clock()
+    clock.advance(300)  # the old row has no window of its own: max-wait counts from its first instance
+    assert Assembler(store, StudySettings(quiet_seconds=280, max_wait_seconds=300), clock).sweep() == ["1.2.7"]
+    assert store.study("1.2.7")["instances"] == 3
+    assert store.jobs_of("1.2.7")[0]["trigger"].startswith("max-wait")
+
+
 def test_a_half_received_study_survives_a_restart(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     first = Store(url)

@@ -273,6 +273,11 @@ def test_crops_take_their_label_from_the_mask_they_hold():
     for i in range(40):  # every crop is a window of one cached slice
         assert any((x[i] == images[r][:, y:y + 24, c:c + 24]).all()
                    for r in range(6) for y in range(41) for c in range(41))
+    spots = np.array([[3, 41, 11]])  # where the network fired on negative row 3: the bright vessel
+    x, m, labels = crop_batch(images, masks, annotated, mask_of, negatives, 40, CropPlan(24, hard=1.0), rng, spots)
+    assert not labels[28:].any()
+    for i in range(28, 40):  # every negative crop is a window of row 3 around that spot
+        assert any((x[i] == images[3][:, y:y + 24, c:c + 24]).all() for y in range(23, 41) for c in range(0, 24))
     with pytest.raises(ValueError, match="larger than the cached slices"):
         crop_batch(images, masks, annotated, mask_of, negatives, 4, CropPlan(96), rng)
 
@@ -283,9 +288,18 @@ def test_petriage_train_with_crops_cells_and_scores_runs_end_to_end(tiny_dataset
                  "data.test_fraction=0.4", "preprocess.size=64", "stage1.width=8", "stage1.epochs=2",
                  "stage1.steps_per_epoch=4", "stage1.batch_size=4", "stage1.crop=32", "stage1.crop_batch=8",
                  "stage1.attention_loss=cells", "stage1.augmentation=full", "stage1.feature_scores=true",
-                 "stage2.inputs=scores", "stage2.epochs=2", "eval.bootstrap=200", "eval.overlay_examples=4"]
+                 "stage2.inputs=scores", "stage2.epochs=2", "eval.bootstrap=200", "eval.overlay_examples=4",
+                 "stage1.hard_negatives=0.5", "stage1.hard_crops=0.5"]
     assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0, \
         capsys.readouterr().err
     assert np.load(run / "features.npy").shape == (10 * TINY.slices, 130)
     log = [json.loads(line) for line in (run / "stage1_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(row["attention"]) and row["attention"] > 0 for row in log)
+    # A second schedule starts from the first run's weights, not from scratch.
+    again = tmp_path / "again"
+    more = [*overrides, f"stage1.init={run / 'stage1_last.pt'}", "stage1.epochs=1", "stage1.lr=1e-9"]
+    assert train_main(["stage1", "--run", str(again), *sum((["--set", o] for o in more), [])]) == 0, \
+        capsys.readouterr().err
+    first, second = torch.load(run / "stage1_last.pt")["model"], torch.load(again / "stage1_last.pt")["model"]
+    assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-4)
+               for k in first if k.endswith("conv1.weight"))

@@ -69,6 +69,11 @@ class Stage1Settings(_Section):
     # re-scored every epoch from the second on (hard negatives: mimics such as veins, flow artefacts).
     hard_negatives: float = Field(default=0.0, ge=0, le=1)
     hard_pool: int = Field(default=768, ge=32)
+    # Share of the PE-negative crops centred on the CAM peak of those hard negatives (the very spot
+    # that fooled the network last epoch: a flow artefact, a bifurcation, a lymph node).
+    hard_crops: float = Field(default=0.0, ge=0, le=1)
+    # Start from the weights of this stage-1 checkpoint (a longer schedule in two runs); None: scratch.
+    init: Path | None = None
 
 
 class Stage2Settings(_Section):

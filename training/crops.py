@@ -13,7 +13,8 @@ Three kinds of crop, all from the training split only:
 - ``beside``: from the same annotated slabs, a crop that holds none of the mask (same anatomy, same
   scan, no clot: the closest negative there is);
 - ``vessel``: from PE-negative slabs, centred on a bright (contrast-filled) pixel most of the time:
-  arteries, veins, the heart, flow artefacts, the confounders a clot hides among.
+  arteries, veins, the heart, flow artefacts, the confounders a clot hides among; with ``hard``, a
+  share of them centred where the network's CAM peaked on its highest-scoring negatives last epoch.
 
 Each crop's label and its pixel mask come from the slab's mask, so a crop that misses the clot is a
 negative, never a mislabelled positive.
@@ -38,6 +39,7 @@ class CropPlan:
     beside: float = 0.2
     bright: float = 0.7  # share of vessel crops centred on a bright pixel
     bright_level: int = 146  # first-window byte of about 150 HU in the PE window (100, 700)
+    hard: float = 0.0  # share of vessel crops centred on a hard negative's CAM peak (when given)
 
 
 def _clamp(c: int, size: int, full: int) -> int:
@@ -53,13 +55,14 @@ def _window(img: np.ndarray, mask: np.ndarray | None, cy: int, cx: int, size: in
 
 
 def crop_batch(images: np.ndarray, masks: np.ndarray, annotated: np.ndarray, mask_of: dict[int, int],
-               negatives: np.ndarray, n: int, plan: CropPlan, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               negatives: np.ndarray, n: int, plan: CropPlan, rng: np.random.Generator,
+               hard_spots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n crops: images (n, C, s, s) uint8, masks (n, s, s) uint8 and labels (n,) from the crops' masks.
 
     ``annotated``: rows of annotated PE slabs; ``mask_of``: row -> mask row; ``negatives``: rows of
-    PE-negative slabs.
+    PE-negative slabs; ``hard_spots``: (k, 3) PE-negative row, y, x where the network fired last.
     """
+    hard = hard_spots if hard_spots is not None and len(hard_spots) and plan.hard > 0 else None
     s, full = plan.size, images.shape[-1]
     if s > full:
         raise ValueError(f"crop {s} is larger than the cached slices ({full})")
@@ -90,6 +93,10 @@ def crop_batch(images: np.ndarray, masks: np.ndarray, annotated: np.ndarray, mas
                     row, mask = int(rng.choice(negatives)), None
                     img = images[row]
                     cy, cx = full // 2, full // 2
+        elif hard is not None and rng.random() < plan.hard:
+            row, cy, cx = (int(v) for v in hard[int(rng.integers(len(hard)))])
+            img, mask = images[row], None
+            cy, cx = (int(v) for v in np.array([cy, cx]) + rng.integers(-s // 4, s // 4 + 1, 2))
         else:
             row = int(rng.choice(negatives))
             img, mask = images[row], None

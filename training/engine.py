@@ -170,13 +170,26 @@ def _step_loss(model: SliceNet, s: Stage1Settings, images: np.ndarray, mask: np.
 
 def slice_scores(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
                  batch: int = 64) -> np.ndarray:
+    return slice_scores_and_peaks(model, cache, rows, device, batch)[0]
+
+
+def slice_scores_and_peaks(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
+                           batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Slice logits (N,) and where each CAM peaks, as (N, 2) input-pixel y, x (the peak cell's centre)."""
     model.eval()
-    out = []
+    out, peaks = [], []
+    size = cache.images.shape[-1]
     with torch.no_grad():
         for lo in range(0, len(rows), batch):
             x = torch.from_numpy(to_float(cache.images[rows[lo:lo + batch]])).to(device)
-            out.append(model(x)[0].float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+            logit, _, cam = model(x)
+            out.append(logit.float().cpu().numpy())
+            h, w = cam.shape[-2:]
+            flat = cam.flatten(1).argmax(dim=1).cpu().numpy()
+            peaks.append(np.stack([(flat // w + 0.5) * size / h, (flat % w + 0.5) * size / w], axis=1))
+    if not out:
+        return np.zeros(0), np.zeros((0, 2))
+    return np.concatenate(out), np.concatenate(peaks).astype(np.int64)
 
 
 def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], run_dir: Path,
@@ -191,6 +204,9 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
     last, best_path = run_dir / "stage1_last.pt", run_dir / "stage1.pt"
     start_epoch, best = 0, -1.0
+    if s.init is not None and not last.is_file():  # a second schedule on a first run's weights
+        model.load_state_dict(load_checkpoint(Path(s.init))["model"])
+        console.print(f"stage 1: starting from the weights of {s.init}")
     if last.is_file():  # resume
         ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["model"])
@@ -212,9 +228,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     n_matched = round((s.batch_size - n_pos - n_hard) * s.matched_negatives)
     windows = [(float(c), float(w)) for c, w in cfg.preprocess.windows]
     hard = np.zeros(0, dtype=np.int64)
+    hard_spots = np.zeros((0, 3), dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
     annotated = np.intersect1d(np.fromiter(masks, dtype=np.int64, count=len(masks)), pos)  # sorted
-    crop_plan = CropPlan(s.crop) if s.crop else None
+    crop_plan = CropPlan(s.crop, hard=s.hard_crops) if s.crop else None
     if crop_plan is not None and not len(annotated):
         raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")
     log = EpochLog(run_dir, "stage1")
@@ -224,9 +241,11 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         for epoch in range(start_epoch, s.epochs):
             rng = np.random.default_rng([cfg.seed, epoch])
             if n_hard and epoch > 0:
-                pool = rng.choice(neg, min(s.hard_pool, len(neg)), replace=False)
-                scores = slice_scores(model, cache, np.sort(pool), device)
-                hard = np.sort(pool)[np.argsort(-scores)[: max(1, len(pool) // 4)]]
+                pool = np.sort(rng.choice(neg, min(s.hard_pool, len(neg)), replace=False))
+                scores, peaks = slice_scores_and_peaks(model, cache, pool, device)
+                top = np.argsort(-scores)[: max(1, len(pool) // 4)]
+                hard = pool[top]
+                hard_spots = np.column_stack([hard, peaks[top]])
             model.train()
             t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
             for step in range(s.steps_per_epoch):
@@ -239,7 +258,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 bce, att = _step_loss(model, s, images, mask, labels, has_mask, rng, windows, device, autocast)
                 if crop_plan is not None:
                     cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, s.crop_batch,
-                                              crop_plan, rng)
+                                              crop_plan, rng, hard_spots)
                     cbce, catt = _step_loss(model, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
                                             device, autocast)
                     bce, att = (bce + cbce) / 2, (att + catt) / 2

@@ -124,6 +124,8 @@ def queue_show(ctx: typer.Context,
         out.print(f"job {job['id']}: [bold]{job['state']}[/bold], priority {job['priority']}, attempt(s) "
                   f"{job['attempts']}, created {job['created_at']:%Y-%m-%d %H:%M:%S} UTC - {job.get('reason') or ''}",
                   highlight=False, soft_wrap=True)
+        if job.get("trigger"):
+            out.print(f"job {job['id']}: analysed because {job['trigger']}", highlight=False, soft_wrap=True)
         if job.get("result"):
             result = json.loads(job["result"])
             series = result.get("series", {})
