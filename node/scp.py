@@ -107,8 +107,14 @@ class StorageHandler:
             series = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             urgent = int(getattr(event.request, "Priority", 0) or 0) == HIGH_PRIORITY or is_urgent(
                 urgency_values(ds), self.urgent_values)
-        except (InvalidDicomError, SpoolError, ValueError, EOFError, TypeError, KeyError, AttributeError) as exc:
+        except (InvalidDicomError, SpoolError) as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
+            return CANNOT_UNDERSTAND
+        except Exception as exc:  # noqa: BLE001 - any failure to read the sender's header is its data's fault
+            # (pydicom raises ValueError, EOFError, KeyError, NotImplementedError for an unknown VR ...):
+            # refuse it by name, never let pynetdicom turn it into 0xC211 with a traceback.
+            log.warning("C-STORE from %s refused: the header cannot be read (%s: %.120s)", calling,
+                        type(exc).__name__, exc)
             return CANNOT_UNDERSTAND
         if sop != str(event.request.AffectedSOPInstanceUID):
             log.warning("C-STORE from %s refused: SOPInstanceUID differs from the request's", calling)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from node.config import SeriesSettings
 from node.frames import frame_count, frames, is_multi_frame_ct
+from node.screening import Excluded, header_problem, read_header
 from node.series import SeriesError
 
 MIN_SLICES = 16
@@ -42,22 +42,27 @@ class SeriesChoice:
     reason: str
     rejected: dict[str, str] = field(default_factory=dict)  # SeriesInstanceUID -> why not
     headers: tuple[pydicom.Dataset, ...] = field(default=(), compare=False, repr=False)  # of ``paths``, no pixels
+    unreadable: tuple[Excluded, ...] = ()  # files of the study that are not readable DICOM: left out
 
 
 def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]],
-                                               dict[str, pydicom.Dataset], list[Path]]:
+                                               dict[str, pydicom.Dataset], list[Excluded]]:
+    """Files by series, each series' first undamaged header (what its eligibility is read from), and
+    the files that are not readable DICOM with a SeriesInstanceUID (left out, with why)."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     first: dict[str, pydicom.Dataset] = {}
     unreadable = []
     for p in paths:
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-            uid = str(ds.SeriesInstanceUID)
-        except (InvalidDicomError, OSError, AttributeError, ValueError):
-            unreadable.append(Path(p))
+        ds, problem = read_header(Path(p))
+        uid = str(ds.get("SeriesInstanceUID", "")) if ds is not None else ""
+        if ds is None or not uid:
+            unreadable.append(Excluded(Path(p).name, "", problem or "no SeriesInstanceUID"))
             continue
         groups[uid].append((Path(p), ds))
-        first.setdefault(uid, ds)
+        if uid not in first and header_problem(ds) is None:
+            first[uid] = ds
+    for uid, files in groups.items():  # a series with no undamaged header is judged on its first one
+        first.setdefault(uid, files[0][1])
     return groups, first, unreadable
 
 
@@ -85,6 +90,9 @@ def _why_not(ds: pydicom.Dataset, n: int, rules: SeriesRules) -> str | None:
         return f"ImageType {joined} (not ORIGINAL\\PRIMARY)"
     if frame_count(ds) > 1 and not is_multi_frame_ct(ds):
         return f"multi-frame {getattr(ds.get('SOPClassUID'), 'name', 'object')} (not Enhanced CT)"
+    damage = header_problem(ds)
+    if damage:
+        return f"every instance damaged, e.g. {damage}"
     frame = frames(ds)[0]
     iop = frame.orientation
     if iop is None or len(iop) != 6:
@@ -119,11 +127,15 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
     rejected, ranked = {}, []
     for uid, files in groups.items():
         n = sum(frame_count(ds) if is_multi_frame_ct(ds) else 1 for _, ds in files)
-        why = _why_not(first[uid], n, rules)
+        try:
+            why = _why_not(first[uid], n, rules)
+            rank = _rank(first[uid], n) if not why else ()
+        except Exception as exc:  # noqa: BLE001 - an unreadable Modality, ImageType ...: the series' damage, named
+            why = f"a header value cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
         if why:
             rejected[uid] = why
         else:
-            ranked.append((_rank(first[uid], n), uid))
+            ranked.append((rank, uid))
     if not ranked:
         raise SeriesError("no series qualifies as a CTPA: " + "; ".join(
             f"{getattr(first[u], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
@@ -138,4 +150,4 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
               f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}")
     members = sorted(groups[best], key=lambda item: item[0])
     return SeriesChoice(best, str(getattr(ds, "SeriesDescription", "")), tuple(p for p, _ in members), reason,
-                        rejected, tuple(h for _, h in members))
+                        rejected, tuple(h for _, h in members), tuple(unreadable))

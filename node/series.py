@@ -10,8 +10,9 @@ in that order, so a 600-slice study never has to sit in memory as float32 at onc
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,22 @@ from pydicom.pixels import iter_pixels, pixel_array
 
 from node.errors import NodeError
 from node.frames import frames
+from node.screening import Excluded, header_problem
 
-#: Plausible CT pixel and slice sizes; outside them the header is wrong, not the scanner unusual.
-PIXEL_SPACING_MM = (0.05, 10.0)
+#: Plausible CT slice spacing; outside it the header is wrong, not the scanner unusual.
 SLICE_SPACING_MM = (0.1, 20.0)
 
 
 class SeriesError(NodeError):
     """A series that cannot be made into one consistent volume; the message says why."""
+
+
+class SliceError(SeriesError):
+    """One slice's pixel data cannot be used; ``position`` is its place in the sorted index."""
+
+    def __init__(self, message: str, position: int):
+        super().__init__(message)
+        self.position = position
 
 
 @dataclass(frozen=True)
@@ -46,9 +55,19 @@ class SeriesIndex:
     study_instance_uid: str
     series_instance_uid: str
     patient_id: str
+    excluded: tuple[Excluded, ...] = ()  # instances (or frames) of the series left out, and why
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def without(self, dropped: dict[int, Excluded]) -> SeriesIndex:
+        """The same index less the slices at these positions, which join ``excluded``."""
+        keep = [i for i in range(len(self)) if i not in dropped]
+        return replace(self, paths=tuple(self.paths[i] for i in keep),
+                       sop_instance_uids=tuple(self.sop_instance_uids[i] for i in keep),
+                       frame_numbers=tuple(self.frame_numbers[i] for i in keep), slopes=self.slopes[keep],
+                       intercepts=self.intercepts[keep], positions_mm=self.positions_mm[keep],
+                       excluded=self.excluded + tuple(dropped[i] for i in sorted(dropped)))
 
 
 @dataclass(frozen=True)
@@ -78,44 +97,59 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
     The order is head first: the slice whose position projects furthest towards the patient's head
     (+z) comes first, whatever the files' order, names, InstanceNumbers or frame order. ``headers``
     (the files' datasets, read without pixels, in the same order) spare a second read when a caller has them.
+
+    A damaged instance (``node.screening.header_problem``) is left out, and so is one whose size or
+    orientation differs from the series' majority; each lands in ``excluded`` with its reason, and
+    SeriesError is raised only when nothing usable is left.
     """
     if not paths:
         raise SeriesError("no files")
     if headers is None or len(headers) != len(paths):
         headers = [_header(Path(p)) for p in paths]
-    slices = [(Path(p), ds, f) for p, ds in zip(paths, headers, strict=True) for f in frames(ds)]
-    _, first, frame0 = slices[0]
-    try:
-        shape = (int(first.Rows), int(first.Columns))
-    except AttributeError as exc:
-        raise SeriesError(f"a required attribute is missing: {exc}") from exc
-    if frame0.orientation is None or len(frame0.orientation) != 6:
-        raise SeriesError("ImageOrientationPatient is missing")
-    if frame0.pixel_spacing_mm is None:
-        raise SeriesError("PixelSpacing is missing")
-    if not all(PIXEL_SPACING_MM[0] <= v <= PIXEL_SPACING_MM[1] for v in frame0.pixel_spacing_mm):
-        raise SeriesError(f"PixelSpacing {list(frame0.pixel_spacing_mm)} mm is not a CT pixel size "
-                          f"({PIXEL_SPACING_MM[0]}-{PIXEL_SPACING_MM[1]} mm)")
-    iop = frame0.orientation
+    excluded: list[Excluded] = []
+    usable = []
+    for p, ds in zip(paths, headers, strict=True):
+        problem = header_problem(ds)
+        if problem:
+            excluded.append(Excluded(Path(p).name, str(ds.get("SOPInstanceUID", "")), problem))
+        else:
+            usable.append((Path(p), ds))
+    if not usable:
+        raise SeriesError(f"no usable slices: {len(excluded)} instance(s) excluded, e.g. {excluded[0].describe()}")
+    ref = usable[0][1]
+    for _, ds in usable:
+        if ds.StudyInstanceUID != ref.StudyInstanceUID or ds.SeriesInstanceUID != ref.SeriesInstanceUID:
+            raise SeriesError("files from more than one series")
+    slices = [(p, ds, f) for p, ds in usable for f in frames(ds)]
+
+    def geometry(ds: pydicom.Dataset, f) -> tuple:
+        return (int(ds.Rows), int(ds.Columns), *np.round(np.asarray(f.orientation, dtype=float), 3))
+
+    common = Counter(geometry(ds, f) for _, ds, f in slices).most_common(1)[0][0]
+    kept = []
+    for p, ds, f in slices:
+        g = geometry(ds, f)
+        if g == common:
+            kept.append((p, ds, f))
+            continue
+        what = (f"{g[0]}x{g[1]} pixels where the series has {common[0]}x{common[1]}" if g[:2] != common[:2]
+                else f"orientation {list(g[2:])} where the series has {list(common[2:])}")
+        excluded.append(Excluded(p.name, str(ds.SOPInstanceUID), what, f.number))
+    _, first, frame0 = kept[0]
+    shape = (int(first.Rows), int(first.Columns))
+    iop = np.asarray(frame0.orientation, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
-    if np.linalg.norm(normal) < 0.5:
-        raise SeriesError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
     if normal[2] < 0:  # point the normal at the head, so head-first is descending position
         normal = -normal
-    for _, ds, f in slices:
-        if ds.StudyInstanceUID != first.StudyInstanceUID or ds.SeriesInstanceUID != first.SeriesInstanceUID:
-            raise SeriesError("files from more than one series")
-        if (ds.Rows, ds.Columns) != shape or f.orientation is None or not np.allclose(f.orientation, iop, atol=1e-3):
-            raise SeriesError("slices differ in size or orientation")
-        if f.position is None or len(f.position) != 3:
-            raise SeriesError("ImagePositionPatient is missing" + (f" in frame {f.number}" if f.number else ""))
-    pos = np.array([float(np.dot(normal, np.asarray(f.position))) for _, _, f in slices])
+    pos = np.array([float(np.dot(normal, np.asarray(f.position))) for _, _, f in kept])
     order = np.argsort(-pos, kind="stable")
-    pick = [slices[k] for k in order]
+    pick = [kept[k] for k in order]
+    assert frame0.pixel_spacing_mm is not None  # header_problem checked it
     return SeriesIndex(tuple(p for p, _, _ in pick), tuple(str(ds.SOPInstanceUID) for _, ds, _ in pick),
                        tuple(f.number for _, _, f in pick), np.array([f.slope for _, _, f in pick]),
                        np.array([f.intercept for _, _, f in pick]), pos[order], frame0.pixel_spacing_mm, shape,
-                       str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(getattr(first, "PatientID", "")))
+                       str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(getattr(first, "PatientID", "")),
+                       tuple(excluded))
 
 
 def check_spacing(index: SeriesIndex, max_gap_factor: float = 1.5) -> float:
@@ -151,10 +185,34 @@ def _pixels(path: Path, frame_number: int | None, shape: tuple[int, int]) -> np.
     return pixels
 
 
+def _slice_pixels(index: SeriesIndex, i: int) -> np.ndarray:
+    try:
+        return _pixels(index.paths[i], index.frame_numbers[i], index.shape)
+    except SeriesError as exc:
+        raise SliceError(str(exc), i) from exc
+
+
 def slice_hu(index: SeriesIndex, i: int) -> np.ndarray:
     """Slice ``i`` (head-first order) in HU, float32 (rows, columns)."""
-    pixels = _pixels(index.paths[i], index.frame_numbers[i], index.shape)
+    pixels = _slice_pixels(index, i)
     return pixels.astype(np.float32) * np.float32(index.slopes[i]) + np.float32(index.intercepts[i])
+
+
+def screen_pixels(index: SeriesIndex) -> SeriesIndex:
+    """Decode every slice on its own; the index less those that do not decode (they join ``excluded``).
+
+    The analysis reads pixels in batches and stops at the first damaged one; this finds them all in
+    one pass, so a study with several damaged slices is analysed once more, not once per slice.
+    """
+    dropped: dict[int, Excluded] = {}
+    for i in range(len(index)):
+        try:
+            _slice_pixels(index, i)
+        except SliceError as exc:
+            frame = index.frame_numbers[i]
+            reason = str(exc).split(": ", 1)[-1]
+            dropped[i] = Excluded(index.paths[i].name, index.sop_instance_uids[i], reason, frame)
+    return index.without(dropped)
 
 
 @dataclass(frozen=True)
@@ -180,18 +238,20 @@ def _batch_pixels(index: SeriesIndex, lo: int, hi: int) -> list[np.ndarray]:
     frames_of: dict[Path, list[int]] = {}
     for i in range(lo, hi):
         if index.frame_numbers[i] is None:
-            out[i - lo] = _pixels(index.paths[i], None, index.shape)
+            out[i - lo] = _slice_pixels(index, i)
         else:
             frames_of.setdefault(index.paths[i], []).append(i)
     for path, slices in frames_of.items():
         try:
             decoded = list(iter_pixels(path, indices=[int(index.frame_numbers[i] or 0) - 1 for i in slices]))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, named
-            raise SeriesError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
+            raise SliceError(f"{path.name}: pixel data cannot be decoded ({exc})", slices[0]) from exc
+        if len(decoded) != len(slices):
+            raise SliceError(f"{path.name}: {len(decoded)} of {len(slices)} frames decoded", slices[len(decoded)])
         for i, pixels in zip(slices, decoded, strict=True):
             if pixels.shape != index.shape:
-                raise SeriesError(f"{path.name} frame {index.frame_numbers[i]}: pixel data is {pixels.shape}, "
-                                  f"header says {index.shape}")
+                raise SliceError(f"{path.name} frame {index.frame_numbers[i]}: pixel data is {pixels.shape}, "
+                                 f"header says {index.shape}", i)
             out[i - lo] = pixels
     return [p for p in out if p is not None]
 

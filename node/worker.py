@@ -25,7 +25,7 @@ from node.errors import NodeError
 from node.inference import Engine
 from node.scu import HIGH, MEDIUM, SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
-from node.series import SeriesError, SeriesIndex, check_spacing, index_series, source_slice
+from node.series import SeriesError, SeriesIndex, SliceError, check_spacing, index_series, screen_pixels, source_slice
 from node.store import JobState, Store, utcnow
 from node.triage import priority as triage_priority
 
@@ -39,6 +39,10 @@ def worker_name(pid: int | None = None) -> str:
 
 #: Send retries: 5 s, 10 s, 20 s ... capped at an hour; after this many attempts the job fails.
 BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, MAX_SEND_ATTEMPTS = 5.0, 3600.0, 12
+
+
+def _left_out(excluded: list) -> str:
+    return f"; {len(excluded)} instance(s) left out (queue show lists them)" if excluded else ""
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -84,19 +88,18 @@ class Worker:
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise NodeError(f"{len(missing)} of {len(files)} spooled files are missing (e.g. {missing[0].name})")
-            choice = choose_ctpa(files, self.rules)
-            index = index_series(choice.paths, choice.headers)
-            check_spacing(index, self.max_gap_factor)
-            analysis = self.engine.analyze(index, progress=beat)
+            choice, index, analysis = self._analyse(job_id, uid, files, beat)
+            excluded = [*choice.unreadable, *index.excluded]
             summary = analysis.summary() | {"series": {"series_instance_uid": choice.series_instance_uid,
                                                        "description": choice.description,
-                                                       "reason": choice.reason}}
+                                                       "reason": choice.reason},
+                                            "excluded": [e.describe() for e in excluded]}
             study = self.store.study(uid) or {}
             priority = triage_priority(self.triage, positive=analysis.positive, probability=analysis.probability,
                                        urgent=bool(study.get("urgent")))
             summary["priority"] = priority
             state, result = JobState.DONE, json.dumps(summary)
-            reason = f"{summary['decision']}, probability {summary['probability']:.3f}"
+            reason = f"{summary['decision']}, probability {summary['probability']:.3f}" + _left_out(excluded)
             outbox = None
             if self.outbox_root is not None and self.destinations:
                 outbox = self._write_outputs(job_id, analysis, index, dict(zip(choice.paths, choice.headers,
@@ -117,6 +120,37 @@ class Worker:
             log.exception("job %d failed unexpectedly", job_id)
             reason = f"internal error: {type(exc).__name__}: {exc}"
         return self._finish(job_id, uid, state, reason, result)
+
+    def _analyse(self, job_id: int, uid: str, files: list[Path], beat: Callable[[int, int], None]):
+        """Choose the series, leave out what is damaged (each an event), check the series rules, run the model.
+
+        A slice whose pixels do not decode is found when the model reads it; then every slice is
+        decoded once on its own, all damaged ones are left out, and the rules and the model run again.
+        """
+        choice = choose_ctpa(files, self.rules)
+        index = index_series(choice.paths, choice.headers)
+        self._record_excluded(job_id, uid, [*choice.unreadable, *index.excluded])
+        self._check(index, len(index.excluded))
+        try:
+            return choice, index, self.engine.analyze(index, progress=beat)
+        except SliceError:
+            screened = screen_pixels(index)
+            self._record_excluded(job_id, uid, list(screened.excluded[len(index.excluded):]))
+            self._check(screened, len(screened.excluded))
+            return choice, screened, self.engine.analyze(screened, progress=beat)
+
+    def _check(self, index: SeriesIndex, n_excluded: int) -> None:
+        try:
+            check_spacing(index, self.max_gap_factor)
+        except SeriesError as exc:
+            if not n_excluded:
+                raise
+            raise SeriesError(f"{exc}, after {n_excluded} damaged or inconsistent instance(s) were left out") from exc
+
+    def _record_excluded(self, job_id: int, uid: str, excluded: list) -> None:
+        for e in excluded:
+            self.store.record_event(uid, "instance-excluded", f"job {job_id}: {e.describe()}", self.clock())
+            log.warning("job %d: instance left out: %s", job_id, e.describe())
 
     def _finish(self, job_id: int, uid: str, state: JobState, reason: str, result: str | None = None) -> dict:
         if not self.store.finish_job(job_id, self.owner, state, reason, self.clock(), result):

@@ -247,3 +247,15 @@ def test_an_impossible_pixel_spacing_is_refused_with_its_value_not_computed_with
         ds.save_as(p)
     with pytest.raises(SeriesError, match="is not a CT pixel size"):
         index_series(paths)
+
+
+@pytest.mark.parametrize("vr", [b"XX", b"ZZ"])
+def test_an_unknown_value_representation_in_a_uid_is_refused_as_cannot_understand_not_a_handler_error(
+        node, tmp_path, vr):
+    cfg, store, root, template = node
+    whole = _file_bytes(_fresh(template[0], 424242 + vr[0]))
+    tag = pydicom.datadict.tag_for_keyword("SOPInstanceUID")
+    needle = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little")
+    at = whole.index(needle, 132 + 12 + int.from_bytes(whole[140:144], "little")) + 4
+    code, alive = _send_raw(cfg, tmp_path, whole[:at] + vr + whole[at + 2:], template[0].SOPClassUID)
+    assert code == CANNOT_UNDERSTAND and alive  # was 0xC211 from pynetdicom, with a traceback in the log
