@@ -23,6 +23,7 @@ from pathlib import Path
 from node.config import Destination, NotifySettings, TriageSettings
 from node.errors import NodeError
 from node.inference import Engine
+from node.outputs.uids import result_key
 from node.scu import HIGH, MEDIUM, SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
 from node.series import SeriesError, SeriesIndex, SliceError, check_spacing, index_series, screen_pixels, source_slice
@@ -39,6 +40,16 @@ def worker_name(pid: int | None = None) -> str:
 
 #: Send retries: 5 s, 10 s, 20 s ... capped at an hour; after this many attempts the job fails.
 BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, MAX_SEND_ATTEMPTS = 5.0, 3600.0, 12
+
+
+def _sr_reference(study_instance_uid: str, sr: dict):
+    """An earlier SR's identity as a data set, as highdicom takes a predecessor."""
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_instance_uid, sr["series_instance_uid"]
+    ds.SOPInstanceUID, ds.SOPClassUID = sr["sop_instance_uid"], sr["sop_class_uid"]
+    return ds
 
 
 def _left_out(excluded: list) -> str:
@@ -98,12 +109,23 @@ class Worker:
             priority = triage_priority(self.triage, positive=analysis.positive, probability=analysis.probability,
                                        urgent=bool(study.get("urgent")))
             summary["priority"] = priority
-            state, result = JobState.DONE, json.dumps(summary)
+            model_id = self._model_id(analysis)
+            summary["result_key"] = result_key(uid, model_id, analysis.sop_instance_uids)
+            earlier_id, earlier = self._earlier_result(uid, job_id)
             reason = f"{summary['decision']}, probability {summary['probability']:.3f}" + _left_out(excluded)
+            asked = str(job.get("reason") or "").startswith("retry requested")  # an admin's retry is always sent
+            if earlier is not None and earlier.get("result_key") == summary["result_key"] and not asked:
+                summary["sr"] = earlier.get("sr")
+                return self._finish(job_id, uid, JobState.DONE, f"{reason}; unchanged since job {earlier_id} (same "
+                                    f"model, same {len(analysis.sop_instance_uids)} slices): not sent or notified "
+                                    "again", json.dumps(summary))
             outbox = None
             if self.outbox_root is not None and self.destinations:
-                outbox = self._write_outputs(job_id, analysis, index, dict(zip(choice.paths, choice.headers,
-                                                                              strict=False)))
+                predecessors = [_sr_reference(uid, earlier["sr"])] if earlier and earlier.get("sr") else []
+                outbox, summary["sr"] = self._write_outputs(
+                    job_id, analysis, index, dict(zip(choice.paths, choice.headers, strict=False)), model_id,
+                    predecessors)
+            state, result = JobState.DONE, json.dumps(summary)
             notes = self._notifications(choice.headers[0] if choice.headers else None, summary, uid, priority)
             if not self.store.set_outputs(job_id, self.owner, str(outbox) if outbox else None, result, self.clock(),
                                           priority=priority, notify=notes):
@@ -173,25 +195,39 @@ class Worker:
             notes.append(("webhook", build_payload(source, summary, priority)))
         return notes
 
-    def _write_outputs(self, job_id: int, analysis, index: SeriesIndex, headers: dict) -> Path:
-        """SR + SC into the outbox; ``index`` is the analysed series, ``headers`` its files' headers by path."""
+    def _model_id(self, analysis) -> str:
+        """What, besides the instances, a result depends on: both model files and the operating point."""
+        return (f"{self.engine.stage1_file.sha256}:{self.engine.stage2_file.sha256}:"
+                f"{analysis.operating_point}:{analysis.threshold!r}")
+
+    def _earlier_result(self, uid: str, job_id: int) -> tuple[int | None, dict | None]:
+        """The newest finished analysis of this study before job ``job_id`` (its id and summary), if any."""
+        for job in reversed(self.store.jobs_of(uid)):
+            if job["id"] != job_id and job["state"] == JobState.DONE and job.get("result"):
+                return job["id"], json.loads(job["result"])
+        return None, None
+
+    def _write_outputs(self, job_id: int, analysis, index: SeriesIndex, headers: dict, model_id: str,
+                       predecessors: list) -> tuple[Path, dict]:
+        """SR + SC into the outbox; ``index`` is the analysed series, ``headers`` its files' headers by path.
+        Returns the outbox and the SR's reference (what a later, changed report names as its predecessor)."""
         from node.outputs.sc import make_sc_series
         from node.outputs.sr import make_sr
         from node.spool import write_atomic
 
         assert self.outbox_root is not None
         manifest = self.engine.bundle.manifest
-        sha = self.engine.stage1_file.sha256
         sources = [source_slice(index, k.index, headers.get(index.paths[k.index])) for k in analysis.key_slices]
-        objects = [make_sr(analysis, [s.dataset for s in sources], model_sha256=sha),
-                   *make_sc_series(analysis, sources, model_sha256=sha, spec=manifest.spec(),
-                                   cam_stride=manifest.cam_stride)]
+        sr = make_sr(analysis, [s.dataset for s in sources], model_sha256=model_id, predecessors=predecessors)
+        objects = [sr, *make_sc_series(analysis, sources, model_sha256=model_id, spec=manifest.spec(),
+                                       cam_stride=manifest.cam_stride)]
         outbox = self.outbox_root / analysis.study_instance_uid / f"job-{job_id}"
         for obj in objects:
             buffer = BytesIO()
             obj.save_as(buffer, enforce_file_format=True)
             write_atomic(outbox / f"{obj.SOPInstanceUID}.dcm", buffer.getvalue())
-        return outbox
+        return outbox, {"series_instance_uid": str(sr.SeriesInstanceUID), "sop_instance_uid": str(sr.SOPInstanceUID),
+                        "sop_class_uid": str(sr.SOPClassUID)}
 
     def _deliver(self, job: dict) -> dict:
         job_id, uid = job["id"], job["study_instance_uid"]

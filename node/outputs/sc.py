@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from node.inference import NOTICE, StudyResult
 from node.outputs import OutputError
-from node.outputs.uids import output_uid
+from node.outputs.uids import output_uid, result_key
 from node.preprocess import PreprocessSpec, input_to_pixel
 from node.series import SourceSlice
 
@@ -93,7 +93,8 @@ def make_sc_series(result: StudyResult, sources: Sequence[SourceSlice], *, model
     if len(sources) != len(result.key_slices) or not sources:
         raise OutputError("one source slice per key slice is needed")
     uid = result.study_instance_uid
-    series = output_uid(uid, model_sha256, "sc-series")
+    digest = result_key(uid, model_sha256, result.sop_instance_uids)
+    series = output_uid(uid, digest, "sc-series")
     model = result.model
     decision = "PE suspected" if result.positive else "PE not suspected"
     head = f"{decision}: p = {result.probability:.3f} (threshold {result.threshold:.3f})"
@@ -107,7 +108,7 @@ def make_sc_series(result: StudyResult, sources: Sequence[SourceSlice], *, model
         cam = cam_on_pixels(result.cams[key.index], source.hu.shape, source.pixel_spacing_mm, spec, cam_stride)
         rgb = _overlay(source.hu, cam, (key.peak_row, key.peak_column),
                        [head, f"key slice {k}: slice p = {key.probability:.3f}", tail])
-        images.append(_sc(ds, rgb, series, output_uid(uid, model_sha256, "sc", k), k, manufacturer,
+        images.append(_sc(ds, rgb, series, output_uid(uid, digest, "sc", k), k, manufacturer,
                           f"Key slice {k} with attention overlay - {NOTICE}", frame_number=source.frame_number))
     lines = [decision, f"probability {result.probability:.3f}", f"threshold {result.threshold:.3f} "
              f"({result.operating_point})", f"model {model.get('name')} {model.get('version')}",
@@ -115,7 +116,7 @@ def make_sc_series(result: StudyResult, sources: Sequence[SourceSlice], *, model
              *(["synthetic training data - not for clinical use"] if model.get("synthetic_training_data") else []),
              NOTICE]
     summary = _summary(sources[0].hu.shape, lines)
-    images.append(_sc(sources[0].dataset, summary, series, output_uid(uid, model_sha256, "sc", 0), len(sources) + 1,
+    images.append(_sc(sources[0].dataset, summary, series, output_uid(uid, digest, "sc", 0), len(sources) + 1,
                       manufacturer, f"Summary of the PE triage result - {NOTICE}", reference=False))
     return images
 

@@ -26,7 +26,7 @@ from pydicom.sr.coding import Code
 
 from node.inference import NOTICE, StudyResult
 from node.outputs import OutputError
-from node.outputs.uids import output_uid
+from node.outputs.uids import output_uid, result_key
 
 PRIVATE_SCHEME = "99PETRIAGE"
 PULMONARY_EMBOLISM = Code("59282003", "SCT", "Pulmonary embolism")
@@ -45,13 +45,20 @@ def _scheme() -> pydicom.Dataset:
 
 
 def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, model_sha256: str,
-            manufacturer: str = "petriage") -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report for ``result``; ``key_datasets``: the header of each key slice's instance (same order)."""
+            manufacturer: str = "petriage", predecessors: Sequence[pydicom.Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report for ``result``; ``key_datasets``: the header of each key slice's instance (same order).
+
+    ``predecessors``: the earlier reports of this study this one replaces (StudyInstanceUID,
+    SeriesInstanceUID, SOPInstanceUID and SOPClassUID of each), named in Predecessor Documents Sequence.
+    The series and instance UIDs follow what was analysed (``node.outputs.uids``); the device and the
+    findings' tracking UIDs follow the study and the model only, so a later version tracks the same finding.
+    """
     if len(key_datasets) != len(result.key_slices):
         raise OutputError("one source dataset per key slice is needed")
     if not key_datasets:
         raise OutputError("a report needs at least one source image")
     model = result.model
+    digest = result_key(result.study_instance_uid, model_sha256, result.sop_instance_uids)
     algorithm = hd.sr.AlgorithmIdentification(
         name=str(model.get("name", "petriage")), version=str(model.get("version", "0")),
         parameters=[f"threshold={result.threshold:.6f}", f"operating_point={result.operating_point}"])
@@ -89,10 +96,10 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
                                      imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list({str(ds.SOPInstanceUID): ds for ds in key_datasets}.values()),  # an instance once
-        content=report, series_instance_uid=output_uid(result.study_instance_uid, model_sha256, "sr-series"),
-        series_number=SERIES_NUMBER, sop_instance_uid=output_uid(result.study_instance_uid, model_sha256, "sr"),
+        content=report, series_instance_uid=output_uid(result.study_instance_uid, digest, "sr-series"),
+        series_number=SERIES_NUMBER, sop_instance_uid=output_uid(result.study_instance_uid, digest, "sr"),
         instance_number=1, manufacturer=manufacturer, is_complete=False, is_final=False, is_verified=False,
-        institution_name=None)
+        institution_name=None, previous_versions=list(predecessors) or None)
     sr.SeriesDescription = f"PE triage SR - {NOTICE}"
     sr.CodingSchemeIdentificationSequence = [_scheme()]
     return sr
