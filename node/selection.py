@@ -124,30 +124,66 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
     studies = {str(getattr(ds, "StudyInstanceUID", "")) for ds in first.values()}
     if len(studies) > 1:
         raise SeriesError(f"files from {len(studies)} studies; give one study")
-    rejected, ranked = {}, []
+    rejected: dict[str, str] = {}
+    ranked = []
+    parts: dict[tuple[str, str], list[tuple[Path, pydicom.Dataset]]] = {}
     for uid, files in groups.items():
+        for label, members in _split_overlapping(files).items():
+            parts[(uid, label)] = members
+    for (uid, label), files in parts.items():
+        head = next((ds for _, ds in files if header_problem(ds) is None), first[uid]) if label else first[uid]
         n = sum(frame_count(ds) if is_multi_frame_ct(ds) else 1 for _, ds in files)
         try:
-            why = _why_not(first[uid], n, rules)
-            rank = _rank(first[uid], n) if not why else ()
+            why = _why_not(head, n, rules)
+            rank = _rank(head, n) if not why else ()
         except Exception as exc:  # noqa: BLE001 - an unreadable Modality, ImageType ...: the series' damage, named
             why = f"a header value cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
         if why:
-            rejected[uid] = why
+            rejected[uid + label] = why
         else:
-            ranked.append((rank, uid))
+            ranked.append((rank, (uid, label), head))
     if not ranked:
         raise SeriesError("no series qualifies as a CTPA: " + "; ".join(
-            f"{getattr(first[u], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
-    ranked.sort(reverse=True)
-    (contrast, soft, neg_thickness, n), best = ranked[0]
-    for _, uid in ranked[1:]:
-        rejected[uid] = "ranked lower (contrast, soft-tissue kernel, thinner slices, more slices)"
-    ds = first[best]
+            f"{getattr(first[u.split(' ')[0]], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
+    ranked.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    (contrast, soft, neg_thickness, n), (best, label), ds = ranked[0]
+    for _, (uid, other), _ds in ranked[1:]:
+        rejected[uid + other] = ("another acquisition or kernel at the same positions in this series" if uid == best
+                                 else "ranked lower (contrast, soft-tissue kernel, thinner slices, more slices)")
     kind = f"frames of {ds.SOPClassUID.name}" if is_multi_frame_ct(ds) else "CT slices"
     reason = (f"{n} axial {kind}, {-neg_thickness:g} mm, "
               f"{'contrast-enhanced' if contrast else 'no contrast information'}, "
-              f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}")
-    members = sorted(groups[best], key=lambda item: item[0])
+              f"{'soft-tissue' if soft else 'sharp'} kernel {getattr(ds, 'ConvolutionKernel', '?')}{label}")
+    members = sorted(parts[(best, label)], key=lambda item: item[0])
     return SeriesChoice(best, str(getattr(ds, "SeriesDescription", "")), tuple(p for p, _ in members), reason,
                         rejected, tuple(h for _, h in members), tuple(unreadable))
+
+
+def _split_overlapping(files: list[tuple[Path, pydicom.Dataset]]) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
+    """A series that holds several acquisitions or reconstructions (AcquisitionNumber, ConvolutionKernel)
+    at the same positions is several candidates, each labelled; otherwise one, labelled ''.
+
+    Vendors put a repeated acquisition (a bolus that came late) or a second kernel into one series.
+    Slices of two of them at one position cannot make one volume; each is judged on its own, and
+    the ranking prefers the soft-tissue kernel, then more slices, then the later acquisition.
+    """
+    def key(ds: pydicom.Dataset) -> tuple[str, str]:
+        return (str(ds.get("AcquisitionNumber", "") or "").strip(), str(ds.get("ConvolutionKernel", "") or "").strip())
+
+    by_key: dict[tuple[str, str], list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for item in files:
+        try:
+            by_key[key(item[1])].append(item)
+        except Exception:  # noqa: BLE001 - an unreadable AcquisitionNumber: judged with the rest, left out later
+            by_key[("", "")].append(item)
+    if len(by_key) < 2:
+        return {"": files}
+    where: dict[float, set] = defaultdict(set)
+    for k, members in by_key.items():
+        for _, ds in members:
+            if header_problem(ds) is None:
+                for f in frames(ds):
+                    where[round(float(f.position[2]), 2) if f.position is not None else 0.0].add(k)
+    if not any(len(keys) > 1 for keys in where.values()):
+        return {"": files}
+    return {f" (acquisition {a or '?'}, kernel {kernel or '?'})": members for (a, kernel), members in by_key.items()}
