@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -152,3 +153,34 @@ def test_header_checks_name_what_is_wrong(tmp_path):
         bad[keyword] = pydicom.DataElement(pydicom.datadict.tag_for_keyword(keyword),
                                            pydicom.datadict.dictionary_VR(keyword), value)
         assert words in (header_problem(bad) or ""), keyword
+
+
+def test_invalid_patient_data_is_never_quoted_in_logs_or_warnings(tmp_path, engine, caplog, capfd):
+    import logging
+
+    from conftest import free_port
+    from node.config import load_config
+
+    paths = write_study(generate_study(405, pe=True, options=SMALL), tmp_path / "s")["ctpa"]
+    for p in paths:  # values pydicom would call invalid, as some vendors send them
+        ds = pydicom.dcmread(p)
+        ds.PatientName = "SECRETNAME " + "X" * 70  # no caret: highdicom calls it invalid
+        ds.PatientID = "SECRETID\x01"
+        ds.PatientBirthDate = "1957x402"
+        ds.save_as(p)
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    _spool(store, paths)
+    caplog.set_level(logging.DEBUG)
+    clock = lambda: T0 + dt.timedelta(minutes=5)  # noqa: E731
+    Assembler(store, StudySettings(quiet_seconds=20, max_wait_seconds=300), clock).sweep()
+    nobody = load_config(None, environ={}, overrides=[
+        f"destinations=[{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {free_port()}}}]"]).destinations
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force, as in the node's processes
+        done = Worker(store, engine, owner="test", clock=clock, outbox_root=tmp_path / "outbox",
+                      destinations=nobody).run_once()
+    captured = capfd.readouterr()
+    assert done is not None and done["state"] == JobState.SENDING  # nobody listens: results wait
+    said = caplog.text + captured.out + captured.err + "".join(str(w.message) for w in caught)
+    for secret in ("SECRETNAME", "SECRETID", "1957x402"):
+        assert secret not in said

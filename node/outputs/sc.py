@@ -19,7 +19,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
 from node.inference import NOTICE, StudyResult
-from node.outputs import OutputError
+from node.outputs import OutputError, for_outputs, names_unquoted
 from node.outputs.uids import output_uid, result_key
 from node.preprocess import PreprocessSpec, input_to_pixel
 from node.series import SourceSlice
@@ -123,11 +123,13 @@ def make_sc_series(result: StudyResult, sources: Sequence[SourceSlice], *, model
 
 def _sc(source: pydicom.Dataset, rgb: np.ndarray, series: str, sop: str, number: int, manufacturer: str,
         description: str, reference: bool = True, frame_number: int | None = None) -> hd.sc.SCImage:
-    image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series, series_number=SERIES_NUMBER,
-        sop_instance_uid=sop, instance_number=number, manufacturer=manufacturer,
-        patient_orientation=("L", "P"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+    with names_unquoted():
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=for_outputs(source), pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
+            photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+            series_instance_uid=series, series_number=SERIES_NUMBER, sop_instance_uid=sop, instance_number=number,
+            manufacturer=manufacturer, patient_orientation=("L", "P"),
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
     image.SeriesDescription = f"PE triage key images - {NOTICE}"
     image.DerivationDescription = description
     image.BurnedInAnnotation = "YES"

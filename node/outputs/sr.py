@@ -25,7 +25,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.inference import NOTICE, StudyResult
-from node.outputs import OutputError
+from node.outputs import OutputError, for_outputs, names_unquoted
 from node.outputs.uids import output_uid, result_key
 
 PRIVATE_SCHEME = "99PETRIAGE"
@@ -53,6 +53,7 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
     The series and instance UIDs follow what was analysed (``node.outputs.uids``); the device and the
     findings' tracking UIDs follow the study and the model only, so a later version tracks the same finding.
     """
+    key_datasets = [for_outputs(ds) for ds in key_datasets]
     if len(key_datasets) != len(result.key_slices):
         raise OutputError("one source dataset per key slice is needed")
     if not key_datasets:
@@ -94,12 +95,17 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
                                             unit=UNITLESS, algorithm_id=algorithm)]))
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
-    sr = hd.sr.Comprehensive3DSR(
+    with names_unquoted():
+        sr = _report(key_datasets, report, result, digest, manufacturer, predecessors)
+    sr.SeriesDescription = f"PE triage SR - {NOTICE}"
+    sr.CodingSchemeIdentificationSequence = [_scheme()]
+    return sr
+
+
+def _report(key_datasets, report, result, digest, manufacturer, predecessors) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
         evidence=list({str(ds.SOPInstanceUID): ds for ds in key_datasets}.values()),  # an instance once
         content=report, series_instance_uid=output_uid(result.study_instance_uid, digest, "sr-series"),
         series_number=SERIES_NUMBER, sop_instance_uid=output_uid(result.study_instance_uid, digest, "sr"),
         instance_number=1, manufacturer=manufacturer, is_complete=False, is_final=False, is_verified=False,
         institution_name=None, previous_versions=list(predecessors) or None)
-    sr.SeriesDescription = f"PE triage SR - {NOTICE}"
-    sr.CodingSchemeIdentificationSequence = [_scheme()]
-    return sr
