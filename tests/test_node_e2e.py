@@ -201,3 +201,39 @@ def _image_references(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
             found.append(item)
         found.extend(_image_references(item))
     return found
+
+
+def test_a_study_trickling_in_past_max_wait_is_analysed_a_bounded_number_of_times_and_orthanc_ends_with_the_whole(
+        orthanc, tmp_path):
+    """One slice every 0.25 s for 12 s with max-wait 4 s and quiet 1 s: the issue's minute at one a second
+    with max-wait 20 s, four times faster. At most 5 analyses (it was one per sweep), the last on every slice."""
+    from pynetdicom import AE
+
+    port = free_port()
+    cfg = load_config(None, environ={}, overrides=[
+        f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={port}", "study.quiet_seconds=1",
+        "study.max_wait_seconds=4", "model.device=cpu", "metrics.port=0",
+        f"destinations=[{{name: pacs, ae_title: {orthanc.ae_title}, host: 127.0.0.1, port: {orthanc.dicom_port}}}]"])
+    study = generate_study(930002, pe=True, options=PhantomOptions(matrix=128, slices=48, slice_spacing_mm=6.0))
+    paths = write_study(study, tmp_path / "in")["ctpa"]
+    uid = study.identity.study_instance_uid
+    node = Node(cfg, sweep_seconds=0.25, stop_timeout=30)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPClassUID)
+        for p in sorted(paths):
+            assoc = ae.associate("127.0.0.1", port, ae_title=cfg.node.ae_title)
+            assert assoc.is_established and assoc.send_c_store(pydicom.dcmread(p)).Status == 0
+            assoc.release()
+            time.sleep(0.25)
+        time.sleep(2.0)  # quiet: the last completion
+        jobs = _wait(node, uid)
+    finally:
+        node.stop()
+    assert 2 <= len(jobs) <= 5, [j["trigger"] for j in jobs]
+    assert jobs[-1]["trigger"].startswith("quiet") or jobs[-1]["trigger"].startswith("max-wait")
+    last = json.loads(jobs[-1]["result"])
+    assert last["slices"] == 48 and jobs[-1]["state"] == JobState.DONE
+    found = _call(orthanc, "POST", "/tools/find", {"Level": "Instance",
+                                                   "Query": {"SOPInstanceUID": last["sr"]["sop_instance_uid"]}})
+    assert found, "Orthanc lacks the report of the complete study"
