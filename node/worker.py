@@ -23,6 +23,7 @@ from pathlib import Path
 from node.config import Destination, NotifySettings, TriageSettings
 from node.errors import NodeError
 from node.inference import Engine
+from node.outputs import for_outputs
 from node.outputs.uids import result_key
 from node.scu import HIGH, MEDIUM, SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
@@ -126,7 +127,9 @@ class Worker:
                     job_id, analysis, index, dict(zip(choice.paths, choice.headers, strict=False)), model_id,
                     predecessors)
             state, result = JobState.DONE, json.dumps(summary)
-            notes = self._notifications(choice.headers[0] if choice.headers else None, summary, uid, priority)
+            headers = dict(zip(choice.paths, choice.headers, strict=False))
+            source = headers.get(index.paths[0]) if len(index) else None  # an analysed, undamaged instance
+            notes = self._notifications(for_outputs(source) if source is not None else None, summary, uid, priority)
             if not self.store.set_outputs(job_id, self.owner, str(outbox) if outbox else None, result, self.clock(),
                                           priority=priority, notify=notes):
                 log.warning("job %d: lease lost or job cancelled while analysing; outcome discarded", job_id)

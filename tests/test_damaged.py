@@ -159,7 +159,7 @@ def test_invalid_patient_data_is_never_quoted_in_logs_or_warnings(tmp_path, engi
     import logging
 
     from conftest import free_port
-    from node.config import load_config
+    from node.config import HL7Settings, NotifySettings, load_config
 
     paths = write_study(generate_study(405, pe=True, options=SMALL), tmp_path / "s")["ctpa"]
     for p in paths:  # values pydicom would call invalid, as some vendors send them
@@ -178,9 +178,12 @@ def test_invalid_patient_data_is_never_quoted_in_logs_or_warnings(tmp_path, engi
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:  # the filters in force, as in the node's processes
         done = Worker(store, engine, owner="test", clock=clock, outbox_root=tmp_path / "outbox",
-                      destinations=nobody).run_once()
+                      destinations=nobody, notify=NotifySettings(results="all", hl7=HL7Settings(
+                          host="127.0.0.1", port=free_port()))).run_once()
     captured = capfd.readouterr()
     assert done is not None and done["state"] == JobState.SENDING  # nobody listens: results wait
+    hl7 = store.notifications_of(done["study_instance_uid"])[0]["payload"]
+    assert "SECRETID" in hl7 and "1957x402" not in hl7  # the RIS gets the ID; no invalid birth date
     said = caplog.text + captured.out + captured.err + "".join(str(w.message) for w in caught)
     for secret in ("SECRETNAME", "SECRETID", "1957x402"):
         assert secret not in said
