@@ -45,8 +45,22 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 - pydicom raises its own kinds for damaged values (BytesLengthException ...)
         return None
+
+
+#: Text attributes the node reads besides geometry and pixels; each must at least be readable.
+READ_TEXT = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "PatientID", "Modality",
+             "ImageType", "ConvolutionKernel", "SeriesDescription", "ContrastBolusAgent", "AcquisitionNumber")
+
+
+def text(ds: pydicom.Dataset, keyword: str) -> str:
+    """An attribute as text, "" when missing or unreadable (a damaged value raises in pydicom)."""
+    try:
+        value = ds.get(keyword)
+        return "" if value is None else str(value)
+    except Exception:  # noqa: BLE001 - pydicom raises several kinds for a damaged value
+        return ""
 
 
 def _finite(values, n: int) -> bool:
@@ -78,6 +92,18 @@ def frame_problem(f: Frame) -> str | None:
 
 def header_problem(ds: pydicom.Dataset) -> str | None:
     """The first thing wrong with what the node reads from this CT header (read without pixels), or None."""
+    try:
+        return _header_problem(ds)
+    except Exception as exc:  # noqa: BLE001 - any value that cannot even be read is this instance's damage, named
+        return f"a header value cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+def _header_problem(ds: pydicom.Dataset) -> str | None:
+    for keyword in READ_TEXT:
+        str(ds.get(keyword, ""))  # raises for a value that cannot be read
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "")).strip():
+            return f"{keyword} is missing"
     rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
     if rows is None or columns is None or not (1 <= rows <= MAX_MATRIX and 1 <= columns <= MAX_MATRIX):
         return f"Rows/Columns {ds.get('Rows')!s:.20}/{ds.get('Columns')!s:.20} is not an image size"

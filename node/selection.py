@@ -26,7 +26,7 @@ import pydicom
 
 from node.config import SeriesSettings
 from node.frames import frame_count, frames, is_multi_frame_ct
-from node.screening import Excluded, header_problem, read_header
+from node.screening import Excluded, header_problem, read_header, text
 from node.series import SeriesError
 
 MIN_SLICES = 16
@@ -54,7 +54,7 @@ def _series_of(paths: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, pydico
     unreadable = []
     for p in paths:
         ds, problem = read_header(Path(p))
-        uid = str(ds.get("SeriesInstanceUID", "")) if ds is not None else ""
+        uid = text(ds, "SeriesInstanceUID").strip() if ds is not None else ""
         if ds is None or not uid:
             unreadable.append(Excluded(Path(p).name, "", problem or "no SeriesInstanceUID"))
             continue
@@ -121,7 +121,7 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
     groups, first, unreadable = _series_of(paths)
     if not groups:
         raise SeriesError(f"no readable DICOM files ({len(unreadable)} unreadable)")
-    studies = {str(getattr(ds, "StudyInstanceUID", "")) for ds in first.values()}
+    studies = {text(ds, "StudyInstanceUID") for ds in first.values() if header_problem(ds) is None}
     if len(studies) > 1:
         raise SeriesError(f"files from {len(studies)} studies; give one study")
     rejected: dict[str, str] = {}
@@ -144,7 +144,7 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
             ranked.append((rank, (uid, label), head))
     if not ranked:
         raise SeriesError("no series qualifies as a CTPA: " + "; ".join(
-            f"{getattr(first[u.split(' ')[0]], 'SeriesDescription', u)}: {w}" for u, w in rejected.items()))
+            f"{text(first[u.split(' ')[0]], 'SeriesDescription') or u}: {w}" for u, w in rejected.items()))
     ranked.sort(key=lambda item: (item[0], item[1]), reverse=True)
     (contrast, soft, neg_thickness, n), (best, label), ds = ranked[0]
     for _, (uid, other), _ds in ranked[1:]:

@@ -22,7 +22,7 @@ from pydicom.pixels import iter_pixels, pixel_array
 
 from node.errors import NodeError
 from node.frames import frames
-from node.screening import Excluded, header_problem
+from node.screening import Excluded, header_problem, text
 
 #: Plausible CT slice spacing; outside it the header is wrong, not the scanner unusual.
 SLICE_SPACING_MM = (0.1, 20.0)
@@ -111,7 +111,7 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
     for p, ds in zip(paths, headers, strict=True):
         problem = header_problem(ds)
         if problem:
-            excluded.append(Excluded(Path(p).name, str(ds.get("SOPInstanceUID", "")), problem))
+            excluded.append(Excluded(Path(p).name, text(ds, "SOPInstanceUID"), problem))
         else:
             usable.append((Path(p), ds))
     if not usable:

@@ -55,13 +55,20 @@ def damage(path: Path, kind: str) -> None:
         ds = pydicom.dcmread(path)
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
         ds.save_as(path)
+    elif kind == "odd-length-rows":  # Rows (US) three bytes long: pydicom's BytesLengthException on reading
+        raw = bytearray(path.read_bytes())
+        at = raw.index(b"\x28\x00\x10\x00US", 132 + 12 + int.from_bytes(raw[140:144], "little"))
+        raw[at + 6:at + 8] = (3).to_bytes(2, "little")
+        raw[at + 10:at + 10] = b"\x00"
+        path.write_bytes(bytes(raw))
     elif kind == "orientation-garbage":
         _poke(path, "ImageOrientationPatient", b"1\\0\\0\\0\\1\\x")
     else:
         raise AssertionError(kind)
 
 
-KINDS = ["decimal-with-garbage", "rows-missing", "cut-short", "pixel-data-length", "orientation-garbage"]
+KINDS = ["decimal-with-garbage", "rows-missing", "cut-short", "pixel-data-length", "orientation-garbage",
+         "odd-length-rows"]
 
 
 def _spool(store: Store, paths: list[Path]) -> str:
@@ -153,6 +160,14 @@ def test_header_checks_name_what_is_wrong(tmp_path):
         bad[keyword] = pydicom.DataElement(pydicom.datadict.tag_for_keyword(keyword),
                                            pydicom.datadict.dictionary_VR(keyword), value)
         assert words in (header_problem(bad) or ""), keyword
+    odd = copy.deepcopy(ds)  # Rows (US) with three bytes: pydicom raises its own BytesLengthException on reading
+    odd[0x00280010] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00280010), "US", 3, b"\x01\x02\x03", 0,
+                                                      False, True)
+    assert (header_problem(odd) or "").startswith("a header value cannot be read (BytesLengthException")
+    unreadable_uid = copy.deepcopy(ds)
+    unreadable_uid[0x0020000D] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x0020000D), "XX", 4, b"1.2.",
+                                                                 0, False, True)
+    assert (header_problem(unreadable_uid) or "").startswith("a header value cannot be read")
 
 
 def test_invalid_patient_data_is_never_quoted_in_logs_or_warnings(tmp_path, engine, caplog, capfd):
