@@ -99,8 +99,11 @@ def header_problem(ds: pydicom.Dataset) -> str | None:
 
 
 def _header_problem(ds: pydicom.Dataset) -> str | None:
-    for keyword in READ_TEXT:
-        str(ds.get(keyword, ""))  # raises for a value that cannot be read
+    for keyword in READ_TEXT:  # named without their value: PatientID is among them
+        try:
+            str(ds.get(keyword, ""))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds for a damaged value
+            return f"{keyword} cannot be read ({type(exc).__name__})"
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not str(ds.get(keyword, "")).strip():
             return f"{keyword} is missing"
