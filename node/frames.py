@@ -34,13 +34,18 @@ class Frame:
 
 
 def is_multi_frame_ct(ds: pydicom.Dataset) -> bool:
-    return str(getattr(ds, "SOPClassUID", "")) in MULTI_FRAME_CT
+    """Whether ``ds`` is an Enhanced or Legacy Converted Enhanced CT image (False when its SOPClassUID
+    cannot be read: node.screening then names the damage)."""
+    try:
+        return str(getattr(ds, "SOPClassUID", "")) in MULTI_FRAME_CT
+    except Exception:  # noqa: BLE001 - pydicom raises several kinds for a damaged value
+        return False
 
 
 def frame_count(ds: pydicom.Dataset) -> int:
     try:
         return max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a damaged NumberOfFrames counts as one frame; screening names it
         return 1
 
 

@@ -20,6 +20,7 @@ import pytest
 from conftest import SMALL
 from node.assembly import Assembler
 from node.config import StudySettings
+from node.frames import frame_count, is_multi_frame_ct
 from node.inference import Engine
 from node.phantom import generate_study, write_study
 from node.screening import header_problem
@@ -61,6 +62,11 @@ def damage(path: Path, kind: str) -> None:
         raw[at + 6:at + 8] = (3).to_bytes(2, "little")
         raw[at + 10:at + 10] = b"\x00"
         path.write_bytes(bytes(raw))
+    elif kind == "unknown-vr-sop-class":  # as the fuzz harness made it: 'U@' for UI
+        raw = bytearray(path.read_bytes())
+        at = raw.index(b"\x08\x00\x16\x00UI", 132 + 12 + int.from_bytes(raw[140:144], "little"))
+        raw[at + 4:at + 6] = b"U@"
+        path.write_bytes(bytes(raw))
     elif kind == "orientation-garbage":
         _poke(path, "ImageOrientationPatient", b"1\\0\\0\\0\\1\\x")
     else:
@@ -68,7 +74,7 @@ def damage(path: Path, kind: str) -> None:
 
 
 KINDS = ["decimal-with-garbage", "rows-missing", "cut-short", "pixel-data-length", "orientation-garbage",
-         "odd-length-rows"]
+         "odd-length-rows", "unknown-vr-sop-class"]
 
 
 def _spool(store: Store, paths: list[Path]) -> str:
@@ -168,6 +174,11 @@ def test_header_checks_name_what_is_wrong(tmp_path):
     unreadable_uid[0x0020000D] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x0020000D), "XX", 4, b"1.2.",
                                                                  0, False, True)
     assert header_problem(unreadable_uid) == "StudyInstanceUID cannot be read (NotImplementedError)"
+    unreadable_class = copy.deepcopy(ds)  # found by the fuzz harness: selection counted frames with it
+    unreadable_class[0x00080016] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00080016), "U@", 4, b"1.2.",
+                                                                   0, False, True)
+    assert header_problem(unreadable_class) == "SOPClassUID cannot be read (NotImplementedError)"
+    assert not is_multi_frame_ct(unreadable_class) and frame_count(unreadable_class) == 1
 
 
 def test_invalid_patient_data_is_never_quoted_in_logs_or_warnings(tmp_path, engine, caplog, capfd):
