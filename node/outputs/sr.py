@@ -30,6 +30,10 @@ from node.outputs.uids import output_uid, result_key
 
 PRIVATE_SCHEME = "99PETRIAGE"
 PULMONARY_EMBOLISM = Code("59282003", "SCT", "Pulmonary embolism")
+# SNOMED CT qualifier values, as in the HL7 OBX (node/notify/hl7.py): pydicom's codes.SCT.Absent is
+# 272519000 "Absence findings", a finding, not the qualifier 2667000 that pairs with Present 52101004.
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
 PE_PROBABILITY = Code("PE-PROB", PRIVATE_SCHEME, "Probability of pulmonary embolism")
 SLICE_PROBABILITY = Code("PE-SLICE-PROB", PRIVATE_SCHEME, "Slice probability of pulmonary embolism")
 UNITLESS = Code("1", "UCUM", "no units")
@@ -74,7 +78,7 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
             uid=output_uid(result.study_instance_uid, model_sha256, "tracking", 0), identifier="PE study finding"),
         finding_type=PULMONARY_EMBOLISM, algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            PULMONARY_EMBOLISM, codes.SCT.Present if result.positive else codes.SCT.Absent)],
+            PULMONARY_EMBOLISM, PRESENT if result.positive else ABSENT)],
         measurements=[hd.sr.Measurement(name=PE_PROBABILITY, value=round(float(result.probability), 6),
                                         unit=UNITLESS, algorithm_id=algorithm)])
     groups: list = [study_group]
