@@ -29,3 +29,4 @@ def test_three_hundred_mutated_objects_leave_the_node_answering_and_every_study_
     assert set(figures["statuses"]) <= {"0x0000", "0xC000", "0xA900", "0xA700"}
     assert figures["internal_errors"] == 0 and figures["tracebacks_logged"] == 0
     assert sum(figures["jobs"].values()) >= 3
+    assert figures["studies_over_their_allowance"] == {}  # analyses per study within the completion rules
