@@ -121,13 +121,11 @@ class Worker:
                                     f"model, same {len(analysis.sop_instance_uids)} slices): not sent or notified "
                                     "again", json.dumps(summary))
             outbox = None
+            headers = dict(zip(choice.paths, choice.headers, strict=False))
             if self.outbox_root is not None and self.destinations:
                 predecessors = [_sr_reference(uid, earlier["sr"])] if earlier and earlier.get("sr") else []
-                outbox, summary["sr"] = self._write_outputs(
-                    job_id, analysis, index, dict(zip(choice.paths, choice.headers, strict=False)), model_id,
-                    predecessors)
+                outbox, summary["sr"] = self._write_outputs(job_id, analysis, index, headers, model_id, predecessors)
             state, result = JobState.DONE, json.dumps(summary)
-            headers = dict(zip(choice.paths, choice.headers, strict=False))
             source = headers.get(index.paths[0]) if len(index) else None  # an analysed, undamaged instance
             notes = self._notifications(for_outputs(source) if source is not None else None, summary, uid, priority)
             if not self.store.set_outputs(job_id, self.owner, str(outbox) if outbox else None, result, self.clock(),
