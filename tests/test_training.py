@@ -15,7 +15,8 @@ from node.preprocess import PreprocessSpec, preprocess
 from node.series import read_volume
 from training.cli import main as train_main
 from training.crops import MASK_ON, CropPlan, crop_batch
-from training.data import StudyRecord, build_cache, read_rsna, split_by_patient
+from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
+from training.evaluate import max_slice_auc
 from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
 from training.models import SliceNet, StudyNet
@@ -203,6 +204,9 @@ def test_petriage_train_runs_both_stages_end_to_end_on_a_tiny_dataset(tiny_datas
     report = json.loads((run / "report.json").read_text())
     assert 0.0 <= report["study_auc"] <= 1.0 and report["pointing_game"]["slices"] > 0
     assert report["synthetic_data"] is True and report["split_sizes"]["test"] >= 2
+    train_auc = report["stage1_max_slice_study_auc"]["train"]
+    levels = train_auc["by_most_central_level"]  # the phantom's ground truth names each positive's level
+    assert sum(v["positive"] for v in levels.values()) == train_auc["positive"] > 0
     for name in ("stage1.pt", "stage1_last.pt", "stage2.pt", "features.npy", "roc.png", "cam_grid.png",
                  "stage1_log.csv", "stage2_log.jsonl", "config.yaml", "splits.json"):
         assert (run / name).is_file(), name
@@ -303,3 +307,19 @@ def test_petriage_train_with_crops_cells_and_scores_runs_end_to_end(tiny_dataset
     first, second = torch.load(run / "stage1_last.pt")["model"], torch.load(again / "stage1_last.pt")["model"]
     assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-4)
                for k in first if k.endswith("conv1.weight"))
+
+
+def test_largest_slice_auc_by_level_shows_a_level_that_stage_1_does_not_detect():
+    # Six studies of two slices: central positives stand out, segmental ones score like the negatives.
+    tops = {"n1": 0.0, "n2": 1.0, "c1": 3.0, "c2": 4.0, "s1": 0.5, "s2": 0.5}
+    studies = [{"study_instance_uid": uid, "label": int(uid[0] != "n"), "start": 2 * i, "count": 2}
+               for i, uid in enumerate(tops)]
+    logits = np.array([v for top in tops.values() for v in (top - 5.0, top)], dtype=np.float32)
+    cache = SliceCache(folder=Path("."), images=np.zeros((12, 3, 4, 4), np.uint8),
+                       masks=np.zeros((0, 4, 4), np.uint8), studies=studies)
+    levels = {"c1": "central", "c2": "central", "s1": "segmental", "s2": "segmental", "n1": None, "n2": None}
+    report = max_slice_auc(cache, logits, list(tops), levels)
+    assert report["by_most_central_level"] == {"central": {"positive": 2, "auc": 1.0},
+                                               "segmental": {"positive": 2, "auc": 0.5}}
+    assert report["all"] == 0.75 and (report["positive"], report["negative"]) == (4, 2)
+    assert "by_most_central_level" not in max_slice_auc(cache, logits, list(tops), {})

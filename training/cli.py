@@ -106,6 +106,13 @@ def _show(report: dict, run: Path) -> None:
                   f"{report['operating_point']['threshold']:.3f} (chosen on val); slice AUC "
                   f"{report['slice_auc_stage1']:.3f}; pointing game {pg['score']:.2f} within {pg['tolerance_mm']} mm "
                   f"({pg['score_strict_inside_mask']:.2f} strictly inside) on {pg['slices']} annotated slices")
+    for name, top in report.get("stage1_max_slice_study_auc", {}).items():
+        if top["all"] is None:
+            continue
+        levels = ", ".join(f"{lv} {v['auc']:.2f} ({v['positive']})"
+                           for lv, v in top.get("by_most_central_level", {}).items() if v["auc"] is not None)
+        console.print(f"largest stage-1 slice logit, study AUC on {name}: {top['all']:.3f}"
+                      + (f"; by most central level: {levels}" if levels else ""))
     console.print(f"wrote {run / 'report.json'}, {run / 'roc.png'}, {run / 'cam_grid.png'}")
 
 

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from node.phantom.spec import EMBOLUS_LEVELS  # noqa: E402
 from node.preprocess import to_float  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import SliceCache  # noqa: E402
@@ -37,6 +38,48 @@ def _annotated(cache: SliceCache, uids: list[str]) -> list[tuple[int, int, float
         st = cache.study(uid)
         out += [(st["start"] + int(k), m, st["pixel_mm"]) for k, m in sorted(st["mask_rows"].items(),
                                                                                key=lambda kv: int(kv[0]))]
+    return out
+
+
+def most_central_levels(data_root: Path) -> dict[str, str | None]:
+    """Study UID -> the most central level of its emboli (None: no embolus), from a phantom dataset's
+    ``phantom.json``; empty for data without that ground truth (real datasets)."""
+    truth = Path(data_root) / "phantom.json"
+    if not truth.is_file():
+        return {}
+    out: dict[str, str | None] = {}
+    for study in json.loads(truth.read_text())["studies"]:
+        levels = {e["level"] for e in study.get("emboli", [])}
+        out[study["study_instance_uid"]] = next((lv for lv in EMBOLUS_LEVELS if lv in levels), None)
+    return out
+
+
+def max_slice_auc(cache: SliceCache, slice_logits: np.ndarray, uids: list[str],
+                  levels: dict[str, str | None]) -> dict:
+    """Study AUC of the largest stage-1 slice logit alone, on all studies and, where the most central
+    level of each study is known, for the positives of each level against every negative.
+
+    On the training split it says what stage 1 has learnt at all: a level near 0.5 there is one the
+    network does not detect, whatever stage 2 does with it."""
+    top = {uid: float(slice_logits[st["start"]:st["start"] + st["count"]].max())
+           for uid in uids if (st := cache.study(uid))["count"]}
+    labels = {uid: int(cache.study(uid)["label"]) for uid in top}
+    neg = [top[u] for u in top if labels[u] == 0]
+    pos = [top[u] for u in top if labels[u] == 1]
+
+    def auc(p: list[float]) -> float | None:
+        if not p or not neg:
+            return None
+        return roc_auc(np.r_[np.ones(len(p)), np.zeros(len(neg))], np.r_[p, neg])
+
+    out: dict = {"all": auc(pos), "positive": len(pos), "negative": len(neg)}
+    if levels:
+        by_level = {}
+        for lv in EMBOLUS_LEVELS:
+            at_level = [top[u] for u in top if labels[u] == 1 and levels.get(u) == lv]
+            if at_level:
+                by_level[lv] = {"positive": len(at_level), "auc": auc(at_level)}
+        out["by_most_central_level"] = by_level
     return out
 
 
@@ -133,6 +176,7 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
     tol_px = np.array([cfg.eval.pointing_tolerance_mm / a[2] for a in annotated])
     hits = np.array([pointing_hits(cams[i:i + 1], masks[i:i + 1], tol_px[i])[0] for i in range(len(a_rows))])
     strict = pointing_hits(cams, masks, 0.0) if len(a_rows) else np.zeros(0, dtype=bool)
+    levels = most_central_levels(Path(cfg.data.root))
     report = {
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "test_studies": {"positive": int(test_labels.sum()), "negative": int(len(test_labels) - test_labels.sum())},
@@ -151,6 +195,8 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
         "pointing_game": {"slices": len(a_rows), "tolerance_mm": cfg.eval.pointing_tolerance_mm,
                           "score": float(hits.mean()) if len(hits) else float("nan"),
                           "score_strict_inside_mask": float(strict.mean()) if len(strict) else float("nan")},
+        "stage1_max_slice_study_auc": {name: max_slice_auc(cache, slice_logits, splits[name], levels)
+                                       for name in ("train", "val")},
         "attention_weight": cfg.stage1.attention_weight, "attention_loss": cfg.stage1.attention_loss,
         "synthetic_data": True,
     }
