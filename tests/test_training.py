@@ -13,6 +13,8 @@ import torch
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
 from node.preprocess import PreprocessSpec, preprocess
 from node.series import read_volume
+from training import TrainingError
+from training.cli import _prepare
 from training.cli import main as train_main
 from training.crops import MASK_ON, CropPlan, crop_batch
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
@@ -323,3 +325,19 @@ def test_largest_slice_auc_by_level_shows_a_level_that_stage_1_does_not_detect()
                                                "segmental": {"positive": 2, "auc": 0.5}}
     assert report["all"] == 0.75 and (report["positive"], report["negative"]) == (4, 2)
     assert "by_most_central_level" not in max_slice_auc(cache, logits, list(tops), {})
+
+
+def test_extra_training_datasets_join_the_training_split_only(tiny_dataset, tmp_path):
+    extra = tmp_path / "extra"
+    write_rsna_dataset(extra, studies=2, positive_fraction=0.5, seed=6, options=TINY, annotated_fraction=1.0,
+                       annotated_slice_fraction=0.3)
+    common = [f"data.root={tiny_dataset}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
+              "data.test_fraction=0.4", "preprocess.size=64"]
+    _, _, alone = _prepare(None, tmp_path / "alone", common)
+    _, cache, joined = _prepare(None, tmp_path / "joined", [*common, f"data.train_extra=[{extra}]"])
+    extra_uids = {s.study_instance_uid for s in read_rsna(extra)}
+    assert joined["val"] == alone["val"] and joined["test"] == alone["test"]
+    assert set(joined["train"]) == set(alone["train"]) | extra_uids
+    assert all(cache.study(uid)["count"] == TINY.slices for uid in extra_uids)
+    with pytest.raises(TrainingError, match="already read"):
+        _prepare(None, tmp_path / "twice", [*common, f"data.train_extra=[{tiny_dataset}]"])

@@ -41,6 +41,14 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     studies = read_rsna(cfg.data.root)
     parts = split_by_patient(studies, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                              seed=cfg.data.split_seed)
+    for extra in cfg.data.train_extra:
+        more = read_rsna(extra)
+        clash = {s.study_instance_uid for s in more} & {s.study_instance_uid for s in studies}
+        if clash:
+            raise TrainingError(f"{extra}: {len(clash)} studies already read from another dataset, "
+                                f"e.g. {sorted(clash)[0]}")
+        studies = sorted(studies + more, key=lambda s: s.study_instance_uid)
+        parts["train"] = sorted(parts["train"] + more, key=lambda s: s.study_instance_uid)
     splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}
     (run / "splits.json").write_text(json.dumps(splits, indent=1))
     cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"

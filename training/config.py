@@ -23,6 +23,9 @@ class DataSettings(_Section):
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     split_seed: int = 0
+    # More datasets in the same layout whose studies join the training split only: validation and test
+    # stay the root's own split, so runs with and without them are measured on the same studies.
+    train_extra: list[Path] = []
 
 
 class PreprocessSettings(_Section):

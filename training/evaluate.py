@@ -176,7 +176,8 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
     tol_px = np.array([cfg.eval.pointing_tolerance_mm / a[2] for a in annotated])
     hits = np.array([pointing_hits(cams[i:i + 1], masks[i:i + 1], tol_px[i])[0] for i in range(len(a_rows))])
     strict = pointing_hits(cams, masks, 0.0) if len(a_rows) else np.zeros(0, dtype=bool)
-    levels = most_central_levels(Path(cfg.data.root))
+    levels = {uid: lv for root in (cfg.data.root, *cfg.data.train_extra)
+              for uid, lv in most_central_levels(Path(root)).items()}
     report = {
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "test_studies": {"positive": int(test_labels.sum()), "negative": int(len(test_labels) - test_labels.sum())},
