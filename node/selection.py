@@ -159,6 +159,19 @@ def choose_ctpa(paths: Iterable[Path], rules: SeriesRules | None = None) -> Seri
                         rejected, tuple(h for _, h in members), tuple(unreadable))
 
 
+def _along_normal(frame) -> float:
+    """A frame's position along its slice normal, in mm to 0.01 (0.0 without a position).
+
+    Not the z coordinate: with gantry tilt or an oblique reconstruction two slices at the same place
+    share their projection on the normal, not necessarily their z."""
+    if frame.position is None:
+        return 0.0
+    if frame.orientation is None:
+        return round(float(frame.position[2]), 2)
+    iop = np.asarray(frame.orientation, dtype=float)
+    return round(float(np.dot(np.cross(iop[:3], iop[3:]), frame.position)), 2)
+
+
 def _split_overlapping(files: list[tuple[Path, pydicom.Dataset]]) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
     """A series that holds several acquisitions or reconstructions (AcquisitionNumber, ConvolutionKernel)
     at the same positions is several candidates, each labelled; otherwise one, labelled ''.
@@ -183,7 +196,7 @@ def _split_overlapping(files: list[tuple[Path, pydicom.Dataset]]) -> dict[str, l
         for _, ds in members:
             if header_problem(ds) is None:
                 for f in frames(ds):
-                    where[round(float(f.position[2]), 2) if f.position is not None else 0.0].add(k)
+                    where[_along_normal(f)].add(k)
     if not any(len(keys) > 1 for keys in where.values()):
         return {"": files}
     return {f" (acquisition {a or '?'}, kernel {kernel or '?'})": members for (a, kernel), members in by_key.items()}

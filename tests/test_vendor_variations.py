@@ -21,6 +21,7 @@ from node.assembly import Assembler
 from node.config import StudySettings
 from node.inference import Engine
 from node.phantom import generate_study, write_study
+from node.selection import _split_overlapping
 from node.store import JobState, Received, Store
 from node.worker import Worker
 
@@ -166,3 +167,24 @@ def test_a_series_of_single_frame_and_multi_frame_instances_is_analysed_as_one_v
     done = analyse(tmp_path, [multi, *study[len(study) // 2:]], engine)
     assert done["state"] == JobState.DONE, done["reason"]
     assert json.loads(done["result"])["slices"] == SMALL.slices
+
+
+def test_a_tilted_second_reconstruction_with_another_field_at_the_same_slices_is_a_separate_candidate(
+        tmp_path, study):
+    tilt = np.radians(20.0)
+    column = np.array([0.0, np.cos(tilt), -np.sin(tilt)])
+    normal = np.cross([1.0, 0.0, 0.0], column)
+    # The first reconstruction: tilted planes one spacing apart along the normal. The second: the same
+    # planes, its field moved 30 mm down the column direction, so every corner has another z.
+    items = []
+    for acquisition, shift in ((1, 0.0), (2, 30.0)):
+        for k, p in enumerate(study):
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, *column.tolist()]
+            ds.ImagePositionPatient = (-100.0 * np.array([1.0, 1.0, 0.0]) + 5.0 * k * normal + shift * column).tolist()
+            ds.AcquisitionNumber = acquisition
+            ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), str(acquisition)])
+            items.append((p, ds))
+    parts = _split_overlapping(items)
+    assert sorted(len(members) for members in parts.values()) == [len(study), len(study)]
+    assert any("acquisition 2" in label for label in parts)
