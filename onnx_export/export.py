@@ -38,7 +38,7 @@ from onnx_export import ExportError
 from onnx_export.graphs import export_stage1, export_stage2, tensor_infos
 from onnx_export.variants import convert_fp16, quantize_int8
 from training.config import TrainConfig, load_train_config
-from training.data import SliceCache, build_cache, read_rsna
+from training.data import SliceCache, build_cache, read_datasets
 from training.engine import load_slice_net, load_study_net
 
 PARITY_TOLERANCE = 1e-4
@@ -144,7 +144,8 @@ def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: b
         raise ExportError(f"{cfg.data.root}: the run's training data is needed for the parity check and the "
                           "int8 calibration (regenerate it with the command in the run's config)")
     say("reading the run's dataset (slice cache)")
-    cache = build_cache(read_rsna(cfg.data.root), spec, cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
+    cache = build_cache(read_datasets(cfg.data.root, cfg.data.train_extra), spec,
+                        cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".partial")

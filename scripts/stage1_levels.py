@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from node.phantom.spec import EMBOLUS_LEVELS  # noqa: E402
 from training.config import load_train_config  # noqa: E402
-from training.data import build_cache, read_rsna  # noqa: E402
+from training.data import build_cache, read_datasets  # noqa: E402
 from training.evaluate import max_slice_auc, most_central_levels  # noqa: E402
 
 SPLITS = ("train", "val")
@@ -34,7 +34,7 @@ SPLITS = ("train", "val")
 def run_levels(run: Path) -> dict:
     cfg = load_train_config(run / "config.yaml")
     roots = [cfg.data.root, *cfg.data.train_extra]
-    studies = sorted((s for root in roots for s in read_rsna(root)), key=lambda s: s.study_instance_uid)
+    studies = read_datasets(cfg.data.root, cfg.data.train_extra)
     cache = build_cache(studies, cfg.preprocess.spec(), cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
     logits = np.load(run / "slice_logits.npy")
     if len(logits) != len(cache.images):

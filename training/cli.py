@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from node.cli_runner import run_app
 from training import TrainingError
 from training.config import TrainConfig, load_train_config
-from training.data import SliceCache, build_cache, read_rsna, split_by_patient
+from training.data import SliceCache, build_cache, read_datasets, read_rsna, split_by_patient
 from training.engine import extract_features, train_stage1, train_stage2
 from training.evaluate import evaluate
 
@@ -38,17 +38,12 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
         torch.set_num_threads(cfg.threads)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
-    studies = read_rsna(cfg.data.root)
-    parts = split_by_patient(studies, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+    own = read_rsna(cfg.data.root)
+    parts = split_by_patient(own, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                              seed=cfg.data.split_seed)
-    for extra in cfg.data.train_extra:
-        more = read_rsna(extra)
-        clash = {s.study_instance_uid for s in more} & {s.study_instance_uid for s in studies}
-        if clash:
-            raise TrainingError(f"{extra}: {len(clash)} studies already read from another dataset, "
-                                f"e.g. {sorted(clash)[0]}")
-        studies = sorted(studies + more, key=lambda s: s.study_instance_uid)
-        parts["train"] = sorted(parts["train"] + more, key=lambda s: s.study_instance_uid)
+    studies = read_datasets(cfg.data.root, cfg.data.train_extra)
+    held_out = {s.study_instance_uid for name in ("val", "test") for s in parts[name]}
+    parts["train"] = [s for s in studies if s.study_instance_uid not in held_out]
     splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}
     (run / "splits.json").write_text(json.dumps(splits, indent=1))
     cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"

@@ -80,6 +80,20 @@ def read_rsna(root: Path) -> list[StudyRecord]:
     return sorted(studies, key=lambda s: s.study_instance_uid)
 
 
+def read_datasets(root: Path, train_extra: list[Path] | tuple[Path, ...] = ()) -> list[StudyRecord]:
+    """Every study of the main dataset and of the training-only ones (``data.train_extra``), sorted;
+    the same list for training, export and any tool that opens the run's slice cache."""
+    studies = read_rsna(root)
+    for extra in train_extra:
+        more = read_rsna(extra)
+        clash = {s.study_instance_uid for s in more} & {s.study_instance_uid for s in studies}
+        if clash:
+            raise TrainingError(f"{extra}: {len(clash)} studies already read from another dataset, "
+                                f"e.g. {sorted(clash)[0]}")
+        studies = studies + more
+    return sorted(studies, key=lambda s: s.study_instance_uid)
+
+
 def split_by_patient(studies: list[StudyRecord], *, val_fraction: float, test_fraction: float,
                      seed: int) -> dict[str, list[StudyRecord]]:
     """Assign whole patients to train/val/test, stratified by whether the patient has PE."""
