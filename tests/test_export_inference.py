@@ -42,7 +42,8 @@ def trained_run(tmp_path_factory) -> Path:
     write_rsna_dataset(extra, studies=2, positive_fraction=0.5, seed=12, options=TINY, annotated_fraction=1.0,
                        annotated_slice_fraction=0.5)
     run = root / "run"
-    overrides = [f"data.root={data}", f"data.train_extra=[{extra}]", "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
+    overrides = [f"data.root={data}", f"data.train_extra=[{extra}]",
+                 "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
                  "preprocess.slab_mm=12",
                  "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
                  "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
