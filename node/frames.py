@@ -20,6 +20,12 @@ LEGACY_CONVERTED_ENHANCED_CT = UID("1.2.840.10008.5.1.4.1.1.2.2")
 MULTI_FRAME_CT = frozenset({ENHANCED_CT, LEGACY_CONVERTED_ENHANCED_CT})
 
 
+def slice_normal(orientation) -> np.ndarray:
+    """The normal of the image plane: row direction x column direction of ImageOrientationPatient."""
+    iop = np.asarray(orientation, dtype=float)
+    return np.cross(iop[:3], iop[3:])
+
+
 @dataclass(frozen=True)
 class Frame:
     """What the node needs of one image; ``number`` is the 1-based frame number (None for single-frame)."""

@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 
 from node.config import SeriesSettings
-from node.frames import frame_count, frames, is_multi_frame_ct
+from node.frames import frame_count, frames, is_multi_frame_ct, slice_normal
 from node.screening import Excluded, header_problem, read_header, text
 from node.series import SeriesError
 
@@ -97,7 +97,7 @@ def _why_not(ds: pydicom.Dataset, n: int, rules: SeriesRules) -> str | None:
     iop = frame.orientation
     if iop is None or len(iop) != 6:
         return "no ImageOrientationPatient"
-    if abs(np.cross(iop[:3], iop[3:])[2]) < 0.9:
+    if abs(slice_normal(iop)[2]) < 0.9:
         return "not axial"
     if n < rules.min_slices:
         return f"{n} slices (fewer than {rules.min_slices})"
@@ -168,8 +168,7 @@ def _along_normal(frame) -> float:
         return 0.0
     if frame.orientation is None:
         return round(float(frame.position[2]), 2)
-    iop = np.asarray(frame.orientation, dtype=float)
-    return round(float(np.dot(np.cross(iop[:3], iop[3:]), frame.position)), 2)
+    return round(float(np.dot(slice_normal(frame.orientation), frame.position)), 2)
 
 
 def _split_overlapping(files: list[tuple[Path, pydicom.Dataset]]) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:

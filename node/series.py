@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import iter_pixels, pixel_array
 
 from node.errors import NodeError
-from node.frames import frames
+from node.frames import frames, slice_normal
 from node.screening import Excluded, header_problem, text
 
 #: Plausible CT slice spacing; outside it the header is wrong, not the scanner unusual.
@@ -137,8 +137,7 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
         excluded.append(Excluded(p.name, str(ds.SOPInstanceUID), what, f.number))
     _, first, frame0 = kept[0]
     shape = (int(first.Rows), int(first.Columns))
-    iop = np.asarray(frame0.orientation, dtype=float)
-    normal = np.cross(iop[:3], iop[3:])
+    normal = slice_normal(frame0.orientation)
     if normal[2] < 0:  # point the normal at the head, so head-first is descending position
         normal = -normal
     pos = np.array([float(np.dot(normal, np.asarray(f.position))) for _, _, f in kept])

@@ -38,7 +38,7 @@ import pydicom
 from node.bundle import load_bundle
 from node.inference import Engine
 from node.phantom import write_rsna_dataset
-from node.phantom.spec import EMBOLUS_LEVELS
+from node.phantom.spec import EMBOLUS_LEVELS, most_central_level
 from node.series import index_series
 from training.metrics import wilson_interval  # numpy only: no torch needed
 
@@ -123,7 +123,7 @@ def run_test(engine: Engine, name: str, dataset: Path, splits: Path | None, out:
         result = engine.analyze(index)
         seconds = time.perf_counter() - start
         emboli = t["emboli"]
-        level = next((lv for lv in LEVELS if any(e["level"] == lv for e in emboli)), None)
+        level = most_central_level(emboli)
         largest = max((e["size_mm"] for e in emboli), default=0.0)
         row = {"study_instance_uid": uid, "seed": t["seed"], "pe": bool(t["pe_present"]),
                "probability": result.probability, "positive": result.positive, "level": level,

@@ -33,14 +33,13 @@ SPLITS = ("train", "val")
 
 def run_levels(run: Path) -> dict:
     cfg = load_train_config(run / "config.yaml")
-    roots = [cfg.data.root, *cfg.data.train_extra]
     studies = read_datasets(cfg.data.root, cfg.data.train_extra)
     cache = build_cache(studies, cfg.preprocess.spec(), cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
     logits = np.load(run / "slice_logits.npy")
     if len(logits) != len(cache.images):
         raise SystemExit(f"{run}: {len(logits)} slice logits for {len(cache.images)} cached slices")
     splits = json.loads((run / "splits.json").read_text())
-    levels = {uid: lv for root in roots for uid, lv in most_central_levels(Path(root)).items()}
+    levels = most_central_levels(cfg.data.root, *cfg.data.train_extra)
     return {name: max_slice_auc(cache, logits, splits[name], levels) for name in SPLITS}
 
 

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from node.cli_runner import run_app
 from training import TrainingError
 from training.config import TrainConfig, load_train_config
-from training.data import SliceCache, build_cache, read_datasets, read_rsna, split_by_patient
+from training.data import SliceCache, build_cache, read_rsna, split_by_patient, with_training_only
 from training.engine import extract_features, train_stage1, train_stage2
 from training.evaluate import evaluate
 
@@ -41,7 +41,7 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     own = read_rsna(cfg.data.root)
     parts = split_by_patient(own, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                              seed=cfg.data.split_seed)
-    studies = read_datasets(cfg.data.root, cfg.data.train_extra)
+    studies = with_training_only(own, cfg.data.train_extra)
     held_out = {s.study_instance_uid for name in ("val", "test") for s in parts[name]}
     parts["train"] = [s for s in studies if s.study_instance_uid not in held_out]
     splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}

@@ -83,7 +83,11 @@ def read_rsna(root: Path) -> list[StudyRecord]:
 def read_datasets(root: Path, train_extra: list[Path] | tuple[Path, ...] = ()) -> list[StudyRecord]:
     """Every study of the main dataset and of the training-only ones (``data.train_extra``), sorted;
     the same list for training, export and any tool that opens the run's slice cache."""
-    studies = read_rsna(root)
+    return with_training_only(read_rsna(root), train_extra)
+
+
+def with_training_only(studies: list[StudyRecord], train_extra: list[Path] | tuple[Path, ...]) -> list[StudyRecord]:
+    """``studies`` and those of each training-only dataset, sorted; a study read twice is refused."""
     for extra in train_extra:
         more = read_rsna(extra)
         clash = {s.study_instance_uid for s in more} & {s.study_instance_uid for s in studies}

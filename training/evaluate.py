@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from node.phantom.spec import EMBOLUS_LEVELS  # noqa: E402
+from node.phantom.spec import EMBOLUS_LEVELS, most_central_level  # noqa: E402
 from node.preprocess import to_float  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import SliceCache  # noqa: E402
@@ -41,16 +41,15 @@ def _annotated(cache: SliceCache, uids: list[str]) -> list[tuple[int, int, float
     return out
 
 
-def most_central_levels(data_root: Path) -> dict[str, str | None]:
-    """Study UID -> the most central level of its emboli (None: no embolus), from a phantom dataset's
-    ``phantom.json``; empty for data without that ground truth (real datasets)."""
-    truth = Path(data_root) / "phantom.json"
-    if not truth.is_file():
-        return {}
+def most_central_levels(*data_roots: Path) -> dict[str, str | None]:
+    """Study UID -> the most central level of its emboli (None: no embolus), from the phantom datasets'
+    ``phantom.json``; nothing for data without that ground truth (real datasets)."""
     out: dict[str, str | None] = {}
-    for study in json.loads(truth.read_text())["studies"]:
-        levels = {e["level"] for e in study.get("emboli", [])}
-        out[study["study_instance_uid"]] = next((lv for lv in EMBOLUS_LEVELS if lv in levels), None)
+    for root in data_roots:
+        truth = Path(root) / "phantom.json"
+        if truth.is_file():
+            for study in json.loads(truth.read_text())["studies"]:
+                out[study["study_instance_uid"]] = most_central_level(study.get("emboli", []))
     return out
 
 
@@ -61,9 +60,11 @@ def max_slice_auc(cache: SliceCache, slice_logits: np.ndarray, uids: list[str],
 
     On the training split it says what stage 1 has learnt at all: a level near 0.5 there is one the
     network does not detect, whatever stage 2 does with it."""
-    top = {uid: float(slice_logits[st["start"]:st["start"] + st["count"]].max())
-           for uid in uids if (st := cache.study(uid))["count"]}
-    labels = {uid: int(cache.study(uid)["label"]) for uid in top}
+    top, labels = {}, {}
+    for uid in uids:
+        st = cache.study(uid)
+        if st["count"]:
+            top[uid], labels[uid] = float(slice_logits[st["start"]:st["start"] + st["count"]].max()), int(st["label"])
     neg = [top[u] for u in top if labels[u] == 0]
     pos = [top[u] for u in top if labels[u] == 1]
 
@@ -176,8 +177,7 @@ def evaluate(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], 
     tol_px = np.array([cfg.eval.pointing_tolerance_mm / a[2] for a in annotated])
     hits = np.array([pointing_hits(cams[i:i + 1], masks[i:i + 1], tol_px[i])[0] for i in range(len(a_rows))])
     strict = pointing_hits(cams, masks, 0.0) if len(a_rows) else np.zeros(0, dtype=bool)
-    levels = {uid: lv for root in (cfg.data.root, *cfg.data.train_extra)
-              for uid, lv in most_central_levels(Path(root)).items()}
+    levels = most_central_levels(cfg.data.root, *cfg.data.train_extra)
     report = {
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "test_studies": {"positive": int(test_labels.sum()), "negative": int(len(test_labels) - test_labels.sum())},

@@ -57,5 +57,13 @@ ARTERY_LEVELS = {0: "trunk", 1: "main", 2: "lobar", 3: "segmental", 4: "subsegme
 
 #: Embolus location classes and the artery levels they may sit in.
 EMBOLUS_LEVELS = {"central": (0, 1), "lobar": (2,), "segmental": (3,), "subsegmental": (4,)}
+
+
+def most_central_level(emboli: list[dict]) -> str | None:
+    """The most central EMBOLUS_LEVELS class among a study's emboli (``phantom.json``); None for none."""
+    present = {e["level"] for e in emboli}
+    return next((lv for lv in EMBOLUS_LEVELS if lv in present), None)
+
+
 #: The levels of the classic model (which never draws subsegmental emboli).
 CLASSIC_LEVELS = ("central", "lobar", "segmental")
