@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Model latency on a CUDA machine, in one short call (see README "GPU").
 #
-#   bash benchmarks/gpu.sh [BUNDLE]        # default models/demo
+#   bash benchmarks/gpu.sh [BUNDLE] [RUN]   # default models/demo; RUN: a training run folder
+#
+# With RUN (its stage1.pt and stage2.pt, e.g. the run the bundle was exported from) the bundle's own
+# trained weights are timed and the probabilities compared; without it, seeded weights of the same
+# architecture.
 #
 # The lent GPU machines have torch with CUDA and a CPU onnxruntime, and cannot download the
 # onnxruntime-gpu wheel (~256 MB). So this measures, on the same seeded weights of the bundle's
@@ -11,11 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE="${1:-models/demo}"
+RUN="${2:-}"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install --quiet --no-index --no-deps .whl/*.whl 2>/dev/null || true
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-PYTHONPATH=. python3 - "$BUNDLE" <<'PY'
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" python3 - "$BUNDLE" "$RUN" <<'PY'
 import sys, time
 import numpy as np, torch, onnxruntime as ort
 from node.bundle import read_manifest
@@ -29,6 +34,14 @@ arch, s2 = manifest.training["stage1"], manifest.training["stage2"]
 torch.manual_seed(0)
 net = SliceNet(depth=arch["depth"], width=arch["width"], in_channels=spec.channels, output_stride=manifest.cam_stride).eval()
 study = StudyNet(net.feature_dim, s2["hidden"], rnn=s2["rnn"]).eval()
+if sys.argv[2]:
+    from pathlib import Path
+    from training.engine import load_slice_net, load_study_net
+    net, _ = load_slice_net(Path(sys.argv[2]) / "stage1.pt", torch.device("cpu"))
+    study = load_study_net(Path(sys.argv[2]) / "stage2.pt", torch.device("cpu"))
+    print(f"weights: {sys.argv[2]} (trained)")
+else:
+    print("weights: seeded (untrained), the bundle's architecture")
 st = generate_study(7, pe=True, options=PhantomOptions(slices=300))
 px = float(st.grid.xs[1] - st.grid.xs[0])
 x = torch.from_numpy(to_float(preprocess(st.image.hu, spec, (px, px))))
@@ -52,7 +65,7 @@ def run(device, dtype=None, batch=64, repeats=5):
 
 torch.set_num_threads(2)
 base, p_cpu = run(torch.device("cpu"), batch=16, repeats=2)
-print(f"torch eager CPU (2 threads, baseline): {base:.3f} s/study")
+print(f"torch eager CPU (2 threads, baseline): {base:.3f} s/study, probability {p_cpu:.4f}")
 if torch.cuda.is_available():
     print(f"GPU: {torch.cuda.get_device_name(0)}")
     for name, dtype in (("fp32", None), ("fp16 autocast", torch.float16)):
