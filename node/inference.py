@@ -2,7 +2,9 @@
 
 Slices stream from disk in batches: decoded, preprocessed (``node.preprocess``, the spec from the
 bundle), run through stage 1, and only the feature vectors and the small CAMs are kept. Stage 2 then
-reads the whole study's feature sequence. Peak memory is one batch of slices plus O(slices x features).
+reads the whole study's feature sequence. Peak memory is one batch of slices plus O(slices x features);
+a spec with context (neighbouring slabs as channels) also holds the uint8 input of every slab (110 kB
+each at 192 px) until stage 1 has run.
 
 Providers: ``cpu``; ``cuda`` (refused with a clear message when onnxruntime cannot really run on
 CUDA, e.g. a missing CUDA or cuDNN library: onnxruntime would otherwise fall back to the CPU quietly);
@@ -24,7 +26,7 @@ import numpy as np
 
 from node.bundle import Bundle, ModelFile, load_bundle
 from node.errors import NodeError
-from node.preprocess import average_slabs, input_to_pixel, preprocess, slab_size, to_float
+from node.preprocess import add_context, average_slabs, input_to_pixel, preprocess, slab_size, to_float
 from node.series import SeriesIndex, iter_hu
 
 log = logging.getLogger(__name__)
@@ -200,18 +202,19 @@ class Engine:
         k = slab_size(spacing, self.spec)
         m_slabs = -(-n // k)
         logits = np.zeros(m_slabs, dtype=np.float32)
-        feats: np.ndarray | None = None
-        cams: np.ndarray | None = None
+        state: dict[str, np.ndarray] = {}
+        inputs: list[np.ndarray] = []  # uint8 model input of every slab (110 kB each at 192 px)
         for lo, hu in iter_hu(index, self.batch * k):
-            slabs = average_slabs(hu, k)
-            j = lo // k
-            lg, ft, cm = self.run_slices(preprocess(slabs, self.spec, index.pixel_spacing_mm))
-            if feats is None or cams is None:
-                feats = np.zeros((m_slabs, ft.shape[1]), dtype=np.float32)
-                cams = np.zeros((m_slabs, *cm.shape[1:]), dtype=np.float32)
-            logits[j:j + len(slabs)], feats[j:j + len(slabs)], cams[j:j + len(slabs)] = lg, ft, cm
+            inputs.append(preprocess(average_slabs(hu, k), self.spec, index.pixel_spacing_mm))
+            if not self.spec.context:  # no neighbours needed: run each chunk as it is read
+                self._run_chunk(inputs.pop(), lo // k, logits, state)
             if progress:
                 progress(lo + len(hu), n)
+        if self.spec.context:
+            study_input = add_context(np.concatenate(inputs), self.spec.context)
+            for j in range(0, m_slabs, self.batch):
+                self._run_chunk(study_input[j:j + self.batch], j, logits, state)
+        feats, cams = state.get("feats"), state.get("cams")
         assert feats is not None and cams is not None
         probability, slab_probs = self.run_study(feats)
         m = self.bundle.manifest
@@ -231,6 +234,14 @@ class Engine:
             op.threshold, op.name, index.sop_instance_uids, slab_probs[per_slice],
             sigmoid(logits[per_slice]).astype(np.float32), cams[per_slice], keys,
             model=self.describe() | {"slab_slices": k}, seconds=time.perf_counter() - start)
+
+    def _run_chunk(self, images: np.ndarray, j: int, logits: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Stage 1 on slabs j, j + 1, ...: their logits, features and CAMs into the study's arrays."""
+        lg, ft, cm = self.run_slices(images)
+        if "feats" not in state:
+            state["feats"] = np.zeros((len(logits), ft.shape[1]), dtype=np.float32)
+            state["cams"] = np.zeros((len(logits), *cm.shape[1:]), dtype=np.float32)
+        logits[j:j + len(images)], state["feats"][j:j + len(images)], state["cams"][j:j + len(images)] = lg, ft, cm
 
     def describe(self) -> dict:
         m = self.bundle.manifest

@@ -8,7 +8,7 @@ travels in the model bundle, so the node preprocesses exactly as the model was t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -31,6 +31,10 @@ class PreprocessSpec:
     #: Slices thinner than this are averaged into slabs about this thick before anything else (the
     #: slice spacing the model was trained on), so a 1 mm series looks like the 4.5 mm training data.
     slab_mm: float | None = None
+    #: Neighbouring slabs on each side added as channels, each through the first (PE) window, so the
+    #: model sees whether a dark spot continues along the vessel. Channel order: the windows of the slab
+    #: itself, then its neighbours from the nearest above to the nearest below (add_context).
+    context: int = 0
     resample: str = "area"
     version: int = 1
 
@@ -43,16 +47,24 @@ class PreprocessSpec:
             raise PreprocessError(f"field_mm {self.field_mm} is outside 50-1000")
         if self.slab_mm is not None and not 0.5 <= self.slab_mm <= 20.0:
             raise PreprocessError(f"slab_mm {self.slab_mm} is outside 0.5-20")
+        if not 0 <= self.context <= 3:
+            raise PreprocessError(f"context {self.context} is outside 0-3 neighbouring slabs per side")
         if self.resample != "area" or self.version != 1:
             raise PreprocessError(f"unknown preprocessing (resample={self.resample!r}, version={self.version})")
 
     @property
     def channels(self) -> int:
-        return len(self.windows)
+        return len(self.windows) + 2 * self.context
+
+    def slab_spec(self) -> PreprocessSpec:
+        """The same spec without context: how each slab on its own becomes input (what a cache stores)."""
+        return replace(self, context=0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["windows"] = [list(w) for w in self.windows]
+        if not self.context:  # specs without context keep the form that bundles and caches already hold
+            del d["context"]
         return d
 
     @classmethod
@@ -61,7 +73,8 @@ class PreprocessSpec:
             field, slab = data.get("field_mm"), data.get("slab_mm")
             return cls(windows=tuple((float(c), float(w)) for c, w in data["windows"]), size=int(data["size"]),
                        field_mm=None if field is None else float(field), slab_mm=None if slab is None else float(slab),
-                       resample=str(data.get("resample", "area")), version=int(data.get("version", 1)))
+                       context=int(data.get("context", 0)), resample=str(data.get("resample", "area")),
+                       version=int(data.get("version", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise PreprocessError(f"not a preprocessing spec: {data!r}") from exc
 
@@ -110,9 +123,10 @@ def input_pixel_mm(shape: tuple[int, int], pixel_mm: tuple[float, float], spec: 
 
 
 def preprocess(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
-    """HU slices (N, H, W) to model input (N, channels, size, size) uint8.
+    """HU slices (N, H, W) to model input (N, windows, size, size) uint8, one channel per window.
 
-    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view.
+    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view. A spec with
+    context needs the neighbours' channels added for the whole series after this (add_context).
     """
     if hu.ndim != 3:
         raise PreprocessError(f"expected slices as (N, H, W), got shape {hu.shape}")
@@ -121,10 +135,28 @@ def preprocess(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, floa
             raise PreprocessError("this preprocessing crops to a field of view: pass the pixel spacing")
         hu = crop_to_field(hu, pixel_mm, spec.field_mm)
     small = resize(hu.astype(np.float32), spec.size)
-    out = np.empty((hu.shape[0], spec.channels, spec.size, spec.size), dtype=np.uint8)
+    out = np.empty((hu.shape[0], len(spec.windows), spec.size, spec.size), dtype=np.uint8)
     for c, (center, width) in enumerate(spec.windows):
         out[:, c] = np.rint(np.clip((small - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0)
     return out
+
+
+def context_offsets(context: int) -> list[int]:
+    """Slab offsets of the context channels, in channel order: -1, ..., -k, then +1, ..., +k."""
+    return [-d for d in range(1, context + 1)] + list(range(1, context + 1))
+
+
+def add_context(images: np.ndarray, context: int) -> np.ndarray:
+    """One series' consecutive slab inputs (N, C, S, S) -> (N, C + 2 * context, S, S).
+
+    Each neighbour adds its first channel (the PE window); at the ends of the series the nearest slab
+    stands in for a missing neighbour.
+    """
+    if not context:
+        return images
+    n = len(images)
+    extra = [images[np.clip(np.arange(n) + d, 0, n - 1), :1] for d in context_offsets(context)]
+    return np.concatenate([images, *extra], axis=1)
 
 
 def to_float(batch: np.ndarray) -> np.ndarray:

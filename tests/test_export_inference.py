@@ -18,7 +18,7 @@ from node.bundle import MANIFEST, BundleError, load_bundle, sha256_of
 from node.cli import main as petriage
 from node.inference import Engine, InferenceError, pick_key_slices
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
-from node.preprocess import PreprocessSpec, input_to_pixel, preprocess, to_float
+from node.preprocess import PreprocessSpec, add_context, input_to_pixel, preprocess, to_float
 from node.selection import choose_ctpa
 from node.series import SeriesError, index_series, read_volume
 from onnx_export import ExportError
@@ -44,7 +44,7 @@ def trained_run(tmp_path_factory) -> Path:
     run = root / "run"
     overrides = [f"data.root={data}", f"data.train_extra=[{extra}]",
                  "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
-                 "preprocess.slab_mm=12",
+                 "preprocess.slab_mm=12", "preprocess.context=1",
                  "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
                  "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
     assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0
@@ -83,7 +83,7 @@ def test_export_writes_checked_onnx_files_with_symbolic_batch_and_length_and_a_m
     assert inputs[0].shape[:2] == ["batch", "slices"]
     assert {o.name: o.shape for o in outputs} == {"study_logit": ["batch"], "slice_logits": ["batch", "slices"]}
     inputs, outputs = tensor_infos(bundle / "stage1.onnx")
-    assert inputs[0].shape == ["batch", 3, 64, 64] and all(o.shape[0] == "batch" for o in outputs)
+    assert inputs[0].shape == ["batch", 5, 64, 64] and all(o.shape[0] == "batch" for o in outputs)
     assert manifest["parity"]["max_abs_study_probability_difference"] <= 1e-4
     op = manifest["operating_points"][0]
     assert 0 <= op["threshold"] <= 1 and op["name"] == manifest["default_operating_point"]
@@ -99,7 +99,7 @@ def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(traine
     slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
-        x = torch.from_numpy(to_float(preprocess(volume.hu, spec, volume.pixel_spacing_mm)))
+        x = torch.from_numpy(to_float(add_context(preprocess(volume.hu, spec, volume.pixel_spacing_mm), spec.context)))
         logit, feats, cams = slice_net(x)
         study_logit, slice_logits = study_net(feats[None])
     assert abs(result.probability - torch.sigmoid(study_logit[0]).item()) <= 1e-4
@@ -128,7 +128,8 @@ def test_thin_slices_are_averaged_into_slabs_of_the_training_spacing_before_the_
     slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
-        x = torch.from_numpy(to_float(preprocess(slabs, load_bundle(bundle).spec, volume.pixel_spacing_mm)))
+        spec = load_bundle(bundle).spec
+        x = torch.from_numpy(to_float(add_context(preprocess(slabs, spec, volume.pixel_spacing_mm), spec.context)))
         expected = torch.sigmoid(study_net(slice_net(x)[1][None])[0]).item()
     assert abs(result.probability - expected) <= 1e-4
 

@@ -11,6 +11,7 @@ from node.phantom import write_study
 from node.preprocess import (
     PreprocessError,
     PreprocessSpec,
+    add_context,
     average_slabs,
     crop_to_field,
     input_pixel_mm,
@@ -95,3 +96,24 @@ def test_slabs_average_runs_of_slices_and_keep_a_short_last_one():
     spec = PreprocessSpec(slab_mm=4.5)
     assert [slab_size(s, spec) for s in (1.0, 1.25, 3.0, 4.5, 5.0)] == [4, 4, 2, 1, 1]
     assert slab_size(1.0, PreprocessSpec()) == 1
+
+
+def test_context_channels_are_the_neighbouring_slabs_pe_window_with_the_nearest_slab_past_either_end():
+    slabs = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)  # 4 slabs, 3 windows
+    out = add_context(slabs, 1)
+    assert out.shape == (4, 5, 2, 2)
+    np.testing.assert_array_equal(out[:, :3], slabs)
+    np.testing.assert_array_equal(out[:, 3], slabs[[0, 0, 1, 2], 0])  # the slab above; the first has none
+    np.testing.assert_array_equal(out[:, 4], slabs[[1, 2, 3, 3], 0])  # the slab below; the last has none
+    two = add_context(slabs, 2)
+    np.testing.assert_array_equal(two[2, 3:], slabs[[1, 0, 3, 3], 0])  # -1, -2, +1, +2
+    assert add_context(slabs, 0) is slabs
+
+
+def test_a_spec_with_context_counts_its_channels_and_one_without_keeps_its_old_form():
+    spec = PreprocessSpec(context=1)
+    assert spec.channels == 5 and spec.slab_spec().channels == 3
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert "context" not in PreprocessSpec().to_dict()  # bundles and caches made before context read alike
+    with pytest.raises(PreprocessError, match="context 4"):
+        PreprocessSpec(context=4)

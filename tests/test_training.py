@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
-from node.preprocess import PreprocessSpec, preprocess
+from node.preprocess import PreprocessSpec, add_context, preprocess
 from node.series import read_volume
 from training import TrainingError
 from training.cli import _prepare
 from training.cli import main as train_main
 from training.crops import MASK_ON, CropPlan, crop_batch
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
+from training.engine import load_initial_weights
 from training.evaluate import max_slice_auc
 from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
@@ -260,6 +261,34 @@ def test_thin_slices_are_cached_as_the_slabs_the_node_will_analyse(tmp_path):
         labels = [study.image_labels[u] for u in volume.sop_instance_uids]
         assert entry["image_labels"] == [max(labels[i], labels[i + 1]) for i in range(0, 24, 2)]
         assert {int(k) for k in entry["mask_rows"]} == {i for i, lab in enumerate(entry["image_labels"]) if lab}
+
+
+def test_a_context_cache_gives_each_slab_its_own_studys_neighbours_as_the_node_stacks_them(tiny_dataset, tmp_path):
+    studies = read_rsna(tiny_dataset)
+    plain = build_cache(studies, PreprocessSpec(size=48), tmp_path / "cache")
+    cache = build_cache(studies, PreprocessSpec(size=48, context=1), tmp_path / "cache")
+    assert cache.folder == plain.folder  # one cache of slabs serves both
+    assert cache.images.shape == (len(plain.images), 5, 48, 48)
+    for entry in cache.studies[:3]:
+        block = slice(entry["start"], entry["start"] + entry["count"])
+        expected = add_context(np.asarray(plain.images[block]), 1)  # what the node feeds the model
+        np.testing.assert_array_equal(cache.images[block], expected)
+        rows = np.arange(entry["start"], entry["start"] + entry["count"])[::-1]
+        np.testing.assert_array_equal(cache.images[rows], expected[::-1])
+        np.testing.assert_array_equal(cache.images[entry["start"]], expected[0])
+        np.testing.assert_array_equal(cache.images[entry["start"] + 1, 4], expected[1, 4])
+
+
+def test_a_context_model_started_from_weights_without_context_computes_what_they_computed():
+    torch.manual_seed(0)
+    old = SliceNet(depth=18, width=8, in_channels=3).eval()
+    new = SliceNet(depth=18, width=8, in_channels=5).eval()
+    load_initial_weights(new, old.state_dict())
+    x = torch.rand(2, 5, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x)[0], old(x[:, :3])[0])
+    with pytest.raises(TrainingError, match="stage1.init: stem"):
+        load_initial_weights(old, new.state_dict())  # fewer channels than the weights: refused
 
 
 def test_crops_take_their_label_from_the_mask_they_hold():

@@ -48,6 +48,7 @@ def intensity(x: torch.Tensor, windows: list[tuple[float, float]], rng: np.rando
     # HU' = a * HU + off; channel = (HU - lo) / width, so channel' = a * channel + (lo * (a - 1) + off) / width
     y = a * x + (lo * (a - 1.0) + off) / width
     jitter = torch.from_numpy(rng.normal(0.0, r.window_jitter, (b, c, 2)).astype(np.float32)).to(dev)
+    jitter = jitter[:, [list(windows).index(w) for w in windows]]  # one window, one jitter (context channels)
     y = y * (1.0 + jitter[..., 0, None, None]) + jitter[..., 1, None, None]
     y = y.clamp(0.0, 1.0)
     gamma = torch.from_numpy(rng.uniform(*r.gamma, b).astype(np.float32)).to(dev)[:, None, None, None]

@@ -35,10 +35,18 @@ class PreprocessSettings(_Section):
     # Thinner series are averaged into slabs of about this thickness at inference: set it to the
     # training data's slice spacing (training itself needs data at that spacing).
     slab_mm: float | None = Field(default=None, ge=0.5, le=20)
+    # Neighbouring slabs on each side as extra channels (PE window): the cache stays per slab, the
+    # neighbours are stacked at batch time as the node stacks them (node.preprocess.add_context).
+    context: int = Field(default=0, ge=0, le=3)
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm,
-                              slab_mm=self.slab_mm)
+                              slab_mm=self.slab_mm, context=self.context)
+
+    def channel_windows(self) -> list[tuple[float, float]]:
+        """(centre, width) of every input channel, the context channels included."""
+        windows = [(float(c), float(w)) for c, w in self.windows]
+        return windows + [windows[0]] * (2 * self.context)
 
 
 class Stage1Settings(_Section):

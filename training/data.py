@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.preprocess import PreprocessSpec, average_slabs, input_pixel_mm, preprocess, resize_mask, slab_size
+from node.preprocess import (
+    PreprocessSpec,
+    average_slabs,
+    context_offsets,
+    input_pixel_mm,
+    preprocess,
+    resize_mask,
+    slab_size,
+)
 from node.series import index_series, read_volume
 from training import TrainingError
 
@@ -132,6 +140,50 @@ class SliceCache:
         return next(s for s in self.studies if s["study_instance_uid"] == uid)
 
 
+class ContextImages:
+    """A cache's slabs with their neighbours stacked as extra channels, indexed like the memory map.
+
+    Index with a row, a slice or an array of rows (optionally followed by channel and pixel indices);
+    each row gets ``context`` neighbours per side from its own study, the nearest slab standing in
+    past either end (node.preprocess.add_context does the same for a whole series)."""
+
+    def __init__(self, images: np.ndarray, studies: list[dict], context: int):
+        self.images, self.context = images, context
+        self.first = np.zeros(len(images), dtype=np.int64)
+        self.last = np.zeros(len(images), dtype=np.int64)
+        for st in studies:
+            self.first[st["start"]:st["start"] + st["count"]] = st["start"]
+            self.last[st["start"]:st["start"] + st["count"]] = st["start"] + st["count"] - 1
+        n, c, h, w = images.shape
+        self.shape = (n, c + 2 * context, h, w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        rows = np.arange(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        single = rows.ndim == 0
+        rows = np.atleast_1d(rows)
+        parts = [self.images[rows]]
+        for d in context_offsets(self.context):
+            parts.append(self.images[np.clip(rows + d, self.first[rows], self.last[rows])][:, :1])
+        out = np.concatenate(parts, axis=1)
+        if single:
+            return out[0][rest] if rest else out[0]
+        return out[(slice(None), *rest)] if rest else out
+
+
+def with_context(cache: SliceCache, context: int) -> SliceCache:
+    """The cache as the model sees it: per-slab images, plus neighbours when the spec has context."""
+    if not context:
+        return cache
+    return SliceCache(cache.folder, ContextImages(cache.images, cache.studies, context),  # type: ignore[arg-type]
+                      cache.masks, cache.studies)
+
+
 def _cache_key(studies: list[StudyRecord], spec: PreprocessSpec) -> str:
     h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     for s in studies:
@@ -208,10 +260,15 @@ def _slab_plan(study: StudyRecord, spec: PreprocessSpec) -> tuple[int, int]:
 
 def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path, *, workers: int = 1,
                 progress: Progress | None = None) -> SliceCache:
-    """Build (or reuse) the slice cache for these studies and this preprocessing."""
+    """Build (or reuse) the slice cache for these studies and this preprocessing.
+
+    The cache holds each slab on its own (the spec without context); the returned cache adds a
+    context spec's neighbouring slabs as channels when indexed (with_context).
+    """
+    context, spec = spec.context, spec.slab_spec()
     folder = Path(cache_dir) / _cache_key(studies, spec)
     if (folder / "index.json").is_file():
-        return open_cache(folder)
+        return with_context(open_cache(folder), context)
     folder.mkdir(parents=True, exist_ok=True)
     plans = {}
     for i, s in enumerate(studies, 1):
@@ -245,7 +302,7 @@ def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Pat
     tmp.write_text(json.dumps({"spec": spec.to_dict(), "n_images": n_total, "n_masks": n_masks,
                                "studies": index}))
     os.replace(tmp, folder / "index.json")  # the cache exists only once it is complete
-    return open_cache(folder)
+    return with_context(open_cache(folder), context)
 
 
 def open_cache(folder: Path) -> SliceCache:

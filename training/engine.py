@@ -82,9 +82,29 @@ class EpochLog:
 
 def build_slice_net(cfg: TrainConfig) -> SliceNet:
     s = cfg.stage1
-    return SliceNet(depth=s.depth, width=s.width, in_channels=len(cfg.preprocess.windows),
+    return SliceNet(depth=s.depth, width=s.width, in_channels=cfg.preprocess.spec().channels,
                     output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
                     feature_scores=s.feature_scores)
+
+
+def load_initial_weights(model: SliceNet, state: dict[str, torch.Tensor]) -> None:
+    """Start from another run's weights; input channels that run did not have start at zero.
+
+    So a model given neighbouring slabs as context (preprocess.context) starts as exactly the function
+    its initial run learnt, and learns from there what the neighbours add.
+    """
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            grown = own[key].shape[1] > value.shape[1] and own[key].shape[:1] + own[key].shape[2:] == \
+                value.shape[:1] + value.shape[2:]
+            if value.ndim != 4 or not grown or not key.startswith("stem."):
+                raise TrainingError(f"stage1.init: {key} has shape {tuple(value.shape)}, this model needs "
+                                    f"{tuple(own[key].shape)}")
+            padded = torch.zeros_like(own[key])
+            padded[:, :value.shape[1]] = value
+            state = {**state, key: padded}
+    model.load_state_dict(state)
 
 
 def _rows(cache: SliceCache, uids: set[str]) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
@@ -205,7 +225,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     last, best_path = run_dir / "stage1_last.pt", run_dir / "stage1.pt"
     start_epoch, best = 0, -1.0
     if s.init is not None and not last.is_file():  # a second schedule on a first run's weights
-        model.load_state_dict(load_checkpoint(Path(s.init))["model"])
+        load_initial_weights(model, load_checkpoint(Path(s.init))["model"])
         console.print(f"stage 1: starting from the weights of {s.init}")
     if last.is_file():  # resume
         ckpt = load_checkpoint(last)
@@ -226,7 +246,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     n_pos = max(1, round(s.batch_size * s.positive_fraction))
     n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
     n_matched = round((s.batch_size - n_pos - n_hard) * s.matched_negatives)
-    windows = [(float(c), float(w)) for c, w in cfg.preprocess.windows]
+    windows = cfg.preprocess.channel_windows()  # the context channels are PE-window channels
     hard = np.zeros(0, dtype=np.int64)
     hard_spots = np.zeros((0, 3), dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
