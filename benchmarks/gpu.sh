@@ -24,7 +24,7 @@ PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" python3 - "$BUNDLE" "$RUN" <<'PY'
 import sys, time
 import numpy as np, torch, onnxruntime as ort
 from node.bundle import read_manifest
-from node.preprocess import PreprocessSpec, preprocess, to_float
+from node.preprocess import PreprocessSpec, add_context, preprocess, to_float
 from node.phantom import PhantomOptions, generate_study
 from training.models import SliceNet, StudyNet
 
@@ -44,7 +44,7 @@ else:
     print("weights: seeded (untrained), the bundle's architecture")
 st = generate_study(7, pe=True, options=PhantomOptions(slices=300))
 px = float(st.grid.xs[1] - st.grid.xs[0])
-x = torch.from_numpy(to_float(preprocess(st.image.hu, spec, (px, px))))
+x = torch.from_numpy(to_float(add_context(preprocess(st.image.hu, spec, (px, px)), spec.context)))
 print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, onnxruntime {ort.__version__} providers {ort.get_available_providers()}")
 
 def run(device, dtype=None, batch=64, repeats=5):

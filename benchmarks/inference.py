@@ -28,7 +28,7 @@ import torch
 from node.bundle import Bundle, read_manifest
 from node.inference import Engine
 from node.phantom import PhantomOptions, generate_study, write_study
-from node.preprocess import PreprocessSpec, preprocess, to_float
+from node.preprocess import PreprocessSpec, add_context, preprocess, to_float
 from node.series import index_series, read_volume
 from onnx_export.graphs import export_stage1, export_stage2
 from onnx_export.variants import quantize_int8
@@ -101,7 +101,7 @@ def main() -> int:
             st = generate_study(seed, pe=pe, options=PhantomOptions(slices=args.slices))
             studies[pe] = write_study(st, tmp / f"s{seed}")["ctpa"]
         volume = read_volume(studies[True])
-        images = preprocess(volume.hu, spec, volume.pixel_spacing_mm)
+        images = add_context(preprocess(volume.hu, spec, volume.pixel_spacing_mm), spec.context)
         del volume
         export_stage1(net, spec, tmp / "stage1.onnx")
         export_stage2(study_net, net.feature_dim, tmp / "stage2.onnx")
@@ -113,7 +113,7 @@ def main() -> int:
         t_int8, p_int8 = _best_of(lambda: _onnx_study(int8, s2, images, args.batch), args.repeats)
         diffs = [abs(float(p_int8) - float(p_fp32))]  # type: ignore[arg-type]
         other = read_volume(studies[False])
-        other_images = preprocess(other.hu, spec, other.pixel_spacing_mm)
+        other_images = add_context(preprocess(other.hu, spec, other.pixel_spacing_mm), spec.context)
         diffs.append(abs(_onnx_study(int8, s2, other_images, args.batch) - _onnx_study(fp32, s2, other_images,
                                                                                        args.batch)))
         rows = [("torch eager (baseline)", t_torch, 1.0), ("onnxruntime fp32", t_fp32, t_torch / t_fp32),
