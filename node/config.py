@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.errors import ConfigError
 
@@ -74,6 +74,23 @@ class StorageSettings(_Section):
 
     root: Path = Path("./var")
     min_free_mb: Annotated[int, Field(ge=0)] = 1024  # below this much free space C-STORE answers out-of-resources
+
+
+class StoreSettings(_Section):
+    """Which database holds the queue and the audit trail."""
+
+    # null: SQLite in <storage.root>/petriage.db (one machine). Several nodes share a PostgreSQL store:
+    # postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (or leave the password to ~/.pgpass / PGPASSWORD).
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("a sqlite:///PATH or postgresql://USER@HOST/DATABASE URL")
+        return value.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 class StudySettings(_Section):
@@ -181,6 +198,7 @@ class Config(_Section):
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError as AlembicError
 from sqlalchemy import (
     Boolean,
     Column,
@@ -29,12 +33,12 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from node.errors import NodeError
 
@@ -177,20 +181,38 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def database_url(storage_root: Path) -> str:
-    return f"sqlite:///{Path(storage_root) / 'petriage.db'}"
+def database_url(storage_root: Path, url: str | None = None) -> str:
+    """The store's URL: ``store.url`` when set, else SQLite under the storage root."""
+    return url or f"sqlite:///{Path(storage_root) / 'petriage.db'}"
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Add the nullable columns a store made by an earlier version lacks (its rows keep their data)."""
-    have = inspect(engine)
+def shown(url: str) -> str:
+    """A database URL fit for messages and logs: its password, if any, masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unreadable database URL)"
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 7_345_201  # PostgreSQL advisory lock: one node migrates at a time
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the store's schema to the newest revision, keeping its rows; returns that revision.
+
+    A new store is created by the migrations; a store made before migrations existed (our tables, no
+    ``alembic_version``) is adopted by the baseline revision, which adds what it lacks. On PostgreSQL
+    several nodes starting together wait for one another on an advisory lock.
+    """
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in have.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
+        config.attributes["connection"] = conn
+        alembic_command.upgrade(config, "head")
+        return str(MigrationContext.configure(conn).get_current_revision())
 
 
 class Store:
@@ -199,13 +221,13 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         try:
-            self.engine: Engine = create_engine(url, future=True)
+            # pre-ping: a pooled connection that a PostgreSQL restart closed is replaced, not handed out
+            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the store at {url}: {exc}") from exc
+            self.revision = migrate(self.engine)
+        except (SQLAlchemyError, AlembicError, RuntimeError) as exc:
+            raise StoreError(f"cannot open the store at {shown(url)}: {exc}") from exc
 
     def record_instance(self, item: Received, now: dt.datetime | None = None) -> bool:
         """Record a stored instance; returns False for a duplicate (already recorded, nothing counted twice).
@@ -307,7 +329,8 @@ class Store:
         """Lease the most urgent queued job (or one whose lease ran out: its worker died); None if none.
 
         The claim is a conditional UPDATE checked by its row count, so two workers never get the same
-        job on SQLite or PostgreSQL alike.
+        job on SQLite or PostgreSQL alike; on PostgreSQL the candidates are read FOR UPDATE SKIP LOCKED,
+        so workers of several nodes pass over each other's rows instead of queueing behind them.
         """
         expires = now + dt.timedelta(seconds=lease_seconds)
         try:
@@ -316,7 +339,8 @@ class Store:
                     (jobs.c.state == JobState.QUEUED)
                     | ((jobs.c.state == JobState.RUNNING) & (jobs.c.lease_expires_at < now))
                     | ((jobs.c.state == JobState.SENDING) & (jobs.c.next_attempt_at <= now))
-                ).order_by(jobs.c.priority.desc(), jobs.c.id).limit(5)).all()
+                ).order_by(jobs.c.priority.desc(), jobs.c.id).limit(5)
+                    .with_for_update(skip_locked=True)).all()  # PostgreSQL: rows another node holds are passed over
                 for (job_id,) in candidates:
                     taken = conn.execute(update(jobs).where(
                         jobs.c.id == job_id,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real DICOM peers the tests talk to, where apt-get is usable and they are missing:
 #   dicom3tools (dciodvfy), dcmtk (storescu, echoscu, dsrdump), orthanc (the PACS),
-#   pixelmed-apps (DicomSRValidator, with a Java runtime), systemd (systemd-analyze verify).
+#   pixelmed-apps (DicomSRValidator, with a Java runtime), systemd (systemd-analyze verify),
+#   postgresql (the shared store of several nodes).
 # Elsewhere it says what is missing; tests needing them skip with that reason (and fail under CI=true).
 set -euo pipefail
 need=()
@@ -10,8 +11,10 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null || need+=(orthanc)
 { [ -f /usr/share/java/pixelmed.jar ] && command -v java; } >/dev/null || need+=(pixelmed-apps)
 command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies systemd/petriage.service
+# PostgreSQL server programs (a test cluster per session, made by initdb as the postgres user)
+{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then
-  echo "peers present: dciodvfy, dcmtk, Orthanc, PixelMed, systemd-analyze"
+  echo "peers present: dciodvfy, dcmtk, Orthanc, PixelMed, systemd-analyze, PostgreSQL"
   exit 0
 fi
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -48,6 +48,13 @@ def test_every_invalid_value_is_reported_with_key_value_and_expectation(tmp_path
     assert "model.device: got 'tpu'; expected 'auto', 'cpu' or 'cuda'" in text
 
 
+def test_a_store_url_for_another_database_is_refused_and_a_postgresql_one_gets_its_driver(tmp_path):
+    with pytest.raises(ConfigError, match=r"store.url: got 'mysql://db/petriage'; expected a sqlite:///PATH"):
+        load_config(write(tmp_path, "store:\n  url: mysql://db/petriage\n"), environ={})
+    cfg = load_config(write(tmp_path, "store:\n  url: postgresql://petriage@db:5432/petriage\n"), environ={})
+    assert cfg.store.url == "postgresql+psycopg://petriage@db:5432/petriage"
+
+
 def test_a_misspelt_key_is_refused_rather_than_ignored(tmp_path):
     with pytest.raises(ConfigError, match=r"study.quiet_second: unknown setting"):
         load_config(write(tmp_path, "study:\n  quiet_second: 5\n"), environ={})

@@ -36,9 +36,9 @@ def _store(ctx: typer.Context):
 
     cfg: Config = ctx.obj.config
     db = Path(cfg.storage.root) / "petriage.db"
-    if not db.exists():
+    if cfg.store.url is None and not db.exists():
         raise NodeError(f"no node store at {db} (is storage.root right? use --config or PETRIAGE_CONFIG)")
-    return Store(database_url(cfg.storage.root))
+    return Store(database_url(cfg.storage.root, cfg.store.url))
 
 
 def _age(seconds: float | None) -> str:

@@ -41,7 +41,7 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     os.umask(0o077)  # outbox files: the node's user only
-    store = Store(database_url(cfg.storage.root))
+    store = Store(database_url(cfg.storage.root, cfg.store.url))
     engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
                     threads=cfg.model.threads or None, key_slices=cfg.model.key_images)
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
@@ -74,7 +74,7 @@ class Node:
         removed = sweep_partials(root / "spool") if (root / "spool").exists() else 0
         if removed:
             log.warning("removed %d partial files left by an earlier crash", removed)
-        self.store = Store(database_url(root))
+        self.store = Store(database_url(root, cfg.store.url))
         self.metrics = NodeMetrics(self.store)
         try:
             self.metrics_server = (self.metrics.serve(cfg.metrics.host, cfg.metrics.port)[0]

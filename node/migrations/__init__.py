@@ -1,0 +1,1 @@
+"""Schema migrations of the node's store (Alembic; node.store.migrate runs them at start)."""
