@@ -18,6 +18,7 @@ from pathlib import Path
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import (
     Boolean,
@@ -131,6 +132,7 @@ notifications = Table(
 
 heartbeats = Table(
     "heartbeats", metadata,
+    Column("node", String(128), primary_key=True),  # node.name: several nodes share one store
     Column("component", String(32), primary_key=True),  # listener | worker
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
@@ -198,20 +200,30 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_345_201  # PostgreSQL advisory lock: one node migrates at a time
 
 
-def migrate(engine: Engine) -> str:
-    """Upgrade the store's schema to the newest revision, keeping its rows; returns that revision.
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows (node/migrations/versions)."""
+    return str(ScriptDirectory.from_config(_alembic_config()).get_current_head())
+
+
+def migrate(engine: Engine, to: str = "head") -> str:
+    """Upgrade the store's schema to the newest revision (or ``to``), keeping its rows; returns the revision.
 
     A new store is created by the migrations; a store made before migrations existed (our tables, no
     ``alembic_version``) is adopted by the baseline revision, which adds what it lacks. On PostgreSQL
     several nodes starting together wait for one another on an advisory lock.
     """
-    config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = _alembic_config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
         config.attributes["connection"] = conn
-        alembic_command.upgrade(config, "head")
+        alembic_command.upgrade(config, to)
         return str(MigrationContext.configure(conn).get_current_revision())
 
 
@@ -520,18 +532,31 @@ class Store:
                 "notifications": {(channel, state): int(count) for channel, state, count in notes}}
 
     # ------------------------------------------------------------------ heartbeats and audit
-    def beat(self, component: str, host: str, pid: int, now: dt.datetime, detail: dict | None = None) -> None:
-        """Record that ``component`` is alive (the admin CLI's ``status`` reads it)."""
+    def beat(self, component: str, host: str, pid: int, now: dt.datetime, detail: dict | None = None,
+             node: str | None = None) -> None:
+        """Record that ``component`` of node ``node`` (default: the host name) is alive (``status`` reads it)."""
+        node = node or host
         values = {"host": host, "pid": pid, "at": now, "detail": json.dumps(detail or {})}
         with self.engine.begin() as conn:
-            if conn.execute(update(heartbeats).where(heartbeats.c.component == component)
+            if conn.execute(update(heartbeats).where(heartbeats.c.node == node, heartbeats.c.component == component)
                             .values(**values)).rowcount == 0:
-                conn.execute(insert(heartbeats).values(component=component, **values))
+                conn.execute(insert(heartbeats).values(node=node, component=component, **values))
 
-    def heartbeats(self) -> dict[str, dict]:
+    def node_heartbeats(self) -> list[dict]:
+        """Every node's components and their last heartbeat, by node and component."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(heartbeats)).all()
-        return {r.component: dict(r._mapping) | {"detail": json.loads(r.detail or "{}")} for r in rows}
+            rows = conn.execute(select(heartbeats).order_by(heartbeats.c.node, heartbeats.c.component)).all()
+        return [dict(r._mapping) | {"detail": json.loads(r.detail or "{}")} for r in rows]
+
+    def heartbeats(self, node: str | None = None) -> dict[str, dict]:
+        """The newest heartbeat of each component: of one node, or of whichever node beat last."""
+        newest: dict[str, dict] = {}
+        for row in self.node_heartbeats():
+            if node is not None and row["node"] != node:
+                continue
+            if row["component"] not in newest or naive_utc(row["at"]) > naive_utc(newest[row["component"]]["at"]):
+                newest[row["component"]] = row
+        return newest
 
     def record_event(self, study_instance_uid: str | None, kind: str, detail: str,
                      now: dt.datetime | None = None) -> None:

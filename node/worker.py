@@ -69,8 +69,10 @@ class Worker:
                  clock: Callable[[], dt.datetime] = utcnow, outbox_root: Path | None = None,
                  destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE",
                  rules: SeriesRules | None = None, max_gap_factor: float = 1.5,
-                 triage: TriageSettings | None = None, notify: NotifySettings | None = None):
+                 triage: TriageSettings | None = None, notify: NotifySettings | None = None,
+                 node_name: str | None = None):
         self.store, self.engine = store, engine
+        self.node_name = node_name or socket.gethostname()
         self.owner = owner or worker_name()
         self.lease_seconds, self.clock = lease_seconds, clock
         self.outbox_root, self.destinations, self.ae_title = outbox_root, list(destinations), ae_title
@@ -271,7 +273,7 @@ class Worker:
         """Tell the store this worker is alive (``petriage status`` reads it), at most every few seconds."""
         if time.monotonic() - self._last_beat >= every_seconds:
             self.store.beat("worker", socket.gethostname(), os.getpid(), self.clock(),
-                            self.engine.describe() | {"owner": self.owner})
+                            self.engine.describe() | {"owner": self.owner}, node=self.node_name)
             self._last_beat = time.monotonic()
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:

@@ -197,3 +197,24 @@ def test_echo_and_send_reach_a_destination_and_say_so_when_they_cannot(tmp_path,
     finally:
         pacs.stop()
     assert len({s.sop_instance_uid for s in pacs.received}) == n
+
+
+def test_status_lists_every_node_sharing_the_store_and_judges_this_one_by_its_own_heartbeats(tmp_path, capsys):
+    root = tmp_path / "var"
+    root.mkdir()
+    config = tmp_path / "petriage.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "metrics": {"port": 0},
+                                      "node": {"name": "gpu-1", "port": 1}}))  # nothing listens on port 1
+    store = Store(database_url(root))
+    now = utcnow()
+    store.beat("listener", "rx-host", 11, now, node="rx-1")
+    store.beat("worker", "gpu-host", 12, now, {"name": "petriage-pe-demo", "owner": "gpu-host:12"}, node="gpu-1")
+    store.beat("worker", "gpu-host-2", 13, now - dt.timedelta(minutes=10), node="gpu-2")  # silent for 10 min
+    code, out, _ = _run(capsys, config, "status", "--json")
+    report = json.loads(out)
+    assert report["node"] == "gpu-1" and report["worker"]["ok"] and report["worker"]["owner"] == "gpu-host:12"
+    assert not report["listener"]["ok"] and code == 1  # this node's own listener never beat: judged on its own
+    assert [(n["node"], n["component"], n["ok"]) for n in report["nodes"]] == [
+        ("gpu-1", "worker", True), ("gpu-2", "worker", False), ("rx-1", "listener", True)]
+    code, out, _ = _run(capsys, config, "status")
+    assert "gpu-1 (this node) worker on gpu-host pid 12" in out and "gpu-2 worker on gpu-host-2" in out

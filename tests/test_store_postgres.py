@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import create_engine, inspect, select, text
 
-from node.store import JobState, Received, Store, StoreError, jobs, metadata
+from node.store import JobState, Received, Store, StoreError, head_revision, jobs, metadata, migrate
 
 T0 = dt.datetime(2026, 12, 4, 8, 0, tzinfo=dt.UTC)
 
@@ -30,11 +30,11 @@ def _queue(store: Store, n: int) -> None:
 
 def test_a_new_postgresql_store_is_made_by_the_migrations_and_matches_the_tables_the_code_uses(postgres):
     store = Store(postgres.database("fresh"))
-    assert store.revision == "0001"
+    assert store.revision == head_revision()
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     again = Store(store.url)  # a second node starting on the same store changes nothing
-    assert again.revision == "0001"
+    assert again.revision == head_revision()
 
 
 def test_two_workers_on_postgresql_never_claim_the_same_job(postgres):
@@ -68,7 +68,7 @@ def test_a_sqlite_store_made_before_migrations_keeps_its_rows_and_gains_what_it_
         db.execute("INSERT INTO studies VALUES ('1.2.9', 'complete', NULL, 7, '2026-11-26 12:00:00.000000', "
                    "'2026-11-26 12:00:30.000000', '2026-11-26 12:01:00.000000', 0)")
     store = Store(f"sqlite:///{path}")
-    assert store.revision == "0001"
+    assert store.revision == head_revision()
     assert store.study("1.2.9")["instances"] == 7 and store.study("1.2.9")["wait_started_at"] is None
     have = inspect(store.engine)
     for table in metadata.sorted_tables:  # every table and column the code uses is there now
@@ -91,3 +91,20 @@ def test_a_postgresql_restart_between_two_instances_loses_nothing_and_the_store_
     assert store.record_instance(_item("1.2.50", "1.2.50.1.2"), T0 + dt.timedelta(seconds=1))
     assert store.study("1.2.50")["instances"] == 2
     assert [e["kind"] for e in store.events_of("1.2.50")] == ["study-started"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_store_of_the_previous_schema_is_upgraded_at_start_and_keeps_its_heartbeats(backend, postgres, tmp_path):
+    url = postgres.database("previous") if backend == "postgresql" else f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = create_engine(url)
+    assert migrate(engine, to="0001") == "0001"  # the store as the previous version of the node left it
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO heartbeats (component, host, pid, at, detail) "
+                          "VALUES ('worker', 'ct-node-1', 4242, '2026-12-04 07:00:00', '{}')"))
+    engine.dispose()
+    store = Store(url)
+    assert store.revision == head_revision() != "0001"
+    assert [(b["node"], b["component"], b["pid"]) for b in store.node_heartbeats()] == [("ct-node-1", "worker", 4242)]
+    store.beat("worker", "ct-node-2", 7, T0, node="ct-node-2")  # a second node beats beside the first
+    assert [b["node"] for b in store.node_heartbeats()] == ["ct-node-1", "ct-node-2"]
+    assert store.heartbeats()["worker"]["node"] == "ct-node-2"  # the newest beat of each component

@@ -256,7 +256,8 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
     cfg: Config = ctx.obj.config
     store = _store(ctx)
     now = utcnow()
-    beats = store.heartbeats()
+    this_node = cfg.node.name or socket.gethostname()
+    beats = store.heartbeats(node=this_node)  # this node's listener and worker
 
     def beat_age(name: str) -> float | None:
         return (naive_utc(now) - naive_utc(beats[name]["at"])).total_seconds() if name in beats else None
@@ -283,6 +284,10 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
                  "path": str(cfg.storage.root)},
         "model": {k: model.get(k) for k in ("name", "version", "stage1_precision", "providers")}
         if model else {"bundle": str(cfg.model.bundle), "note": "no worker heartbeat yet"},
+        "node": this_node,
+        "nodes": [{"node": b["node"], "component": b["component"], "host": b["host"], "pid": b["pid"],
+                   "heartbeat_age_seconds": (age := (naive_utc(now) - naive_utc(b["at"])).total_seconds()),
+                   "ok": age < HEARTBEAT_STALE_SECONDS} for b in store.node_heartbeats()],
     }
     if as_json:
         _json(report)
@@ -303,6 +308,11 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
         m = report["model"]
         out.print(f"model     {m.get('name') or m.get('bundle')} {m.get('version') or ''} "
                   f"{m.get('stage1_precision') or ''} {', '.join(m.get('providers') or [])}", highlight=False)
+        for n in report["nodes"]:  # every node sharing the store, this one included
+            here = " (this node)" if n["node"] == this_node else ""
+            out.print(f"node      {'[green]ok[/green]' if n['ok'] else '[yellow]silent[/yellow]'}  {n['node']}{here} "
+                      f"{n['component']} on {n['host']} pid {n['pid']}, {_beat_text(n['heartbeat_age_seconds'])}",
+                      highlight=False, soft_wrap=True)
     if not report["healthy"]:
         raise typer.Exit(1)
 

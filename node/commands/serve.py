@@ -47,7 +47,7 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
                     destinations=cfg.destinations, ae_title=cfg.node.ae_title,
                     rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor,
-                    triage=cfg.triage, notify=cfg.notify)
+                    triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name)
     worker.run_forever(stop, poll_seconds=0.5)
 
 
@@ -99,7 +99,7 @@ class Node:
         self.store.beat("listener", socket.gethostname(), os.getpid(), utcnow(), {
             "ae_title": self.cfg.node.ae_title, "host": self.cfg.node.host, "port": self.cfg.node.port,
             "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid,
-            "metrics_port": self.cfg.metrics.port})
+            "metrics_port": self.cfg.metrics.port}, node=self.cfg.node.name)
 
     def _release(self, proc) -> None:
         """Put the job a dead or killed worker held back in the queue at once (not after its lease)."""
