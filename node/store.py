@@ -496,6 +496,19 @@ class Store:
                 .order_by(notifications.c.id).limit(limit)).all()
         return [dict(r._mapping) for r in rows]
 
+    def claim_notification(self, notification_id: int, now: dt.datetime, lease_seconds: float) -> bool:
+        """Take a due notification for ``lease_seconds``; False when another node took it first.
+
+        The lease is the notification's next due time moved past the send: a conditional UPDATE that
+        only one node's notifier wins, and a node that dies while sending leaves it due again when the
+        lease runs out (so a message is sent twice only if a send outlasts its lease).
+        """
+        with self.engine.begin() as conn:
+            return conn.execute(update(notifications).where(
+                notifications.c.id == notification_id, notifications.c.state == "pending",
+                notifications.c.next_attempt_at <= now,
+            ).values(next_attempt_at=now + dt.timedelta(seconds=lease_seconds), updated_at=now)).rowcount == 1
+
     def notification_retry(self, notification_id: int, when: dt.datetime, reason: str, now: dt.datetime) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(notifications).where(notifications.c.id == notification_id).values(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from pathlib import Path
 
 import pydicom
@@ -93,3 +94,31 @@ def test_the_webhook_body_names_the_study_but_never_the_patient(tmp_path):
     assert body["accession_number"] == "ACC9" and body["priority"] == 1093 and body["positive"] is True
     text = json.dumps(body)
     assert not [s for s in ("PID-77", "Doe", "Jane", "19700101") if s in text]
+
+
+def test_notifiers_of_several_nodes_on_one_store_send_each_message_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = Store(url)
+    hook = WebhookListener(free_port())
+    settings = NotifySettings(webhook=WebhookSettings(url=hook.url))
+    try:
+        for i in range(6):  # six studies, each with its webhook message
+            now = utcnow()
+            uid = f"1.2.40.{i}"
+            store.record_instance(Received(f"{uid}.1", uid, f"{uid}.9", "1.2", "1.2", Path(__file__), 1, "A"), now)
+            store.complete_quiet_studies(now + dt.timedelta(seconds=30), 1, 900)
+            job = store.claim_job("w", 60, now + dt.timedelta(seconds=31))
+            assert job and store.set_outputs(job["id"], "w", None, json.dumps(SUMMARY), now,
+                                             notify=[("webhook", build_payload(_source(), SUMMARY, i))])
+            store.finish_job(job["id"], "w", JobState.DONE, "done", now)
+        nodes = [Notifier(Store(url), settings) for _ in range(3)]  # three nodes, each its own engine
+        threads = [threading.Thread(target=n.run_due) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        hook.stop()
+    assert sorted(b["priority"] for b in hook.bodies) == list(range(6))  # each message exactly once
+    assert all(n["state"] == "sent" and n["attempts"] == 1
+               for i in range(6) for n in store.notifications_of(f"1.2.40.{i}"))

@@ -29,7 +29,7 @@ def backoff_seconds(attempt: int) -> float:
 
 
 class Notifier:
-    """Sends due notifications; one per node (the listener's process)."""
+    """Sends due notifications; one per node (the listener's process), several nodes on one store alike."""
 
     def __init__(self, store: Store, settings: NotifySettings, clock=utcnow):
         self.store, self.settings, self.clock = store, settings, clock
@@ -46,10 +46,21 @@ class Notifier:
             return f"HTTP {post(self.settings.webhook.url, row['payload'], self.settings.webhook.timeout_seconds)}"
         raise NotifyError(f"unknown channel {row['channel']!r}")
 
+    def lease_seconds(self) -> float:
+        """How long a notification is held while it is sent: past every timeout of a send."""
+        timeouts = [c.timeout_seconds for c in (self.settings.hl7, self.settings.webhook) if c is not None]
+        return 2 * max(timeouts, default=10.0) + 30.0
+
     def run_due(self) -> int:
-        """Send every due notification once; returns how many were sent."""
+        """Send every due notification once; returns how many were sent.
+
+        Several nodes may run this on one store: each notification is first leased (claim_notification),
+        so only one of them sends it.
+        """
         sent = 0
         for row in self.store.due_notifications(self.clock()):
+            if not self.store.claim_notification(row["id"], self.clock(), self.lease_seconds()):
+                continue  # another node's notifier has it
             attempt = int(row["attempts"]) + 1
             try:
                 detail = self._send(row)
