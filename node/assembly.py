@@ -13,8 +13,6 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from apscheduler.schedulers.background import BackgroundScheduler
-
 from node.config import StudySettings, TriageSettings
 from node.store import Store, utcnow
 from node.triage import priority
@@ -39,12 +37,3 @@ class Assembler:
         if done and self.on_complete is not None:
             self.on_complete(len(done))
         return done
-
-
-def start_sweeper(assembler: Assembler, interval_seconds: float = 2.0) -> BackgroundScheduler:
-    """Run ``assembler.sweep`` every ``interval_seconds`` in a background thread; returns the scheduler."""
-    scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(assembler.sweep, "interval", seconds=interval_seconds, id="study-sweep",
-                      max_instances=1, coalesce=True)
-    scheduler.start()
-    return scheduler

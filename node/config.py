@@ -60,6 +60,9 @@ class NodeSettings(_Section):
     # This node's name among the nodes that share one store (``petriage status`` lists them by it);
     # null: the host name. Give two nodes on one host different names.
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    # What this node runs: all (listener, study assembly, worker), receiver (listener and assembly) or
+    # worker (analysis only). Receivers and workers on other hosts share store.url and storage.root.
+    role: Literal["all", "receiver", "worker"] = "all"
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for modalities on the network
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)

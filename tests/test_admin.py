@@ -218,3 +218,17 @@ def test_status_lists_every_node_sharing_the_store_and_judges_this_one_by_its_ow
         ("gpu-1", "worker", True), ("gpu-2", "worker", False), ("rx-1", "listener", True)]
     code, out, _ = _run(capsys, config, "status")
     assert "gpu-1 (this node) worker on gpu-host pid 12" in out and "gpu-2 worker on gpu-host-2" in out
+
+
+def test_a_receiver_node_is_judged_on_its_listener_and_a_worker_node_on_its_worker(tmp_path, capsys):
+    root = tmp_path / "var"
+    root.mkdir()
+    store = Store(database_url(root))
+    store.beat("worker", "gpu-host", 12, utcnow(), {"owner": "gpu-host:12"}, node="gpu-1")
+    for name, role, healthy in (("gpu-1", "worker", True), ("rx-1", "receiver", False)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "metrics": {"port": 0},
+                                          "node": {"name": name, "role": role, "port": 1}}))
+        code, out, _ = _run(capsys, config, "status")
+        assert (code == 0) == healthy, out
+        assert ("listener" in out.splitlines()[0]) == (role == "receiver")  # a worker node has no listener line

@@ -273,8 +273,10 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
     worker_ok = worker_age is not None and worker_age < HEARTBEAT_STALE_SECONDS
     disk_ok = usage.free >= cfg.storage.min_free_mb * 2**20
     model = beats.get("worker", {}).get("detail") or {}
+    role = cfg.node.role  # judged on what this node runs: a worker node has no listener, a receiver no worker
     report: dict[str, Any] = {
-        "healthy": listener_ok and worker_ok and disk_ok,
+        "healthy": (listener_ok or role == "worker") and (worker_ok or role == "receiver") and disk_ok,
+        "role": role,
         "listener": {"ok": listener_ok, "accepting_connections": listening, "heartbeat_age_seconds": listener_age,
                      "ae_title": cfg.node.ae_title, "port": cfg.node.port},
         "worker": {"ok": worker_ok, "heartbeat_age_seconds": worker_age, "owner": model.get("owner")},
@@ -295,10 +297,12 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
         def mark(ok: bool) -> str:
             return "[green]ok[/green]" if ok else "[bold red]DOWN[/bold red]"
 
-        out.print(f"listener  {mark(listener_ok)}  {cfg.node.ae_title} on port {cfg.node.port}, "
-                  f"{'accepting connections' if listening else 'not accepting connections'}, "
-                  f"{_beat_text(listener_age)}", highlight=False, soft_wrap=True)
-        out.print(f"worker    {mark(worker_ok)}  {_beat_text(worker_age)}", highlight=False, soft_wrap=True)
+        if role != "worker":
+            out.print(f"listener  {mark(listener_ok)}  {cfg.node.ae_title} on port {cfg.node.port}, "
+                      f"{'accepting connections' if listening else 'not accepting connections'}, "
+                      f"{_beat_text(listener_age)}", highlight=False, soft_wrap=True)
+        if role != "receiver":
+            out.print(f"worker    {mark(worker_ok)}  {_beat_text(worker_age)}", highlight=False, soft_wrap=True)
         q = report["queue"]
         out.print(f"queue     {q['queued']} queued, {q['running']} running, {q['sending']} sending, "
                   f"{q['failed']} failed; oldest queued {_age(q['oldest_queued_age_seconds'])}", highlight=False)

@@ -59,7 +59,9 @@ class Node:
 
     def __init__(self, cfg: Config, *, sweep_seconds: float = 1.0, lease_seconds: float = 120.0,
                  stop_timeout: float = 300.0, notify_seconds: float = 2.0):
-        from node.assembly import Assembler, start_sweeper
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from node.assembly import Assembler
         from node.metrics import NodeMetrics
         from node.notify import Notifier
         from node.scp import start_scp
@@ -82,24 +84,32 @@ class Node:
         except OSError as exc:
             raise NodeError(f"metrics: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
                             f"{exc.strerror or exc} (set metrics.port, or 0 to switch metrics off)") from exc
-        self.server = start_scp(cfg, self.store, on_status=lambda s: self.metrics.received.labels(s).inc())
-        self.sweeper = start_sweeper(Assembler(self.store, cfg.study, triage=cfg.triage,
-                                               on_complete=self.metrics.completed.inc), sweep_seconds)
+        self.role = cfg.node.role
+        receives, works = self.role in ("all", "receiver"), self.role in ("all", "worker")
+        self.sweeper = BackgroundScheduler(timezone="UTC")
+        self.server = None
+        if receives:  # the listener, and the sweep that decides when its studies are complete
+            self.server = start_scp(cfg, self.store, on_status=lambda s: self.metrics.received.labels(s).inc())
+            assembler = Assembler(self.store, cfg.study, triage=cfg.triage, on_complete=self.metrics.completed.inc)
+            self.sweeper.add_job(assembler.sweep, "interval", seconds=sweep_seconds, id="study-sweep",
+                                 max_instances=1, coalesce=True)
         self._ctx = mp.get_context("spawn")
-        self.worker = self._start_worker()
-        self.notifier = Notifier(self.store, cfg.notify)
+        self.worker = self._start_worker() if works else None
+        self.notifier = Notifier(self.store, cfg.notify)  # every role: notifications are leased
         self.sweeper.add_job(self.notifier.run_due, "interval", seconds=notify_seconds, id="notify",
                              max_instances=1, coalesce=True)
-        self.sweeper.add_job(self._beat, "interval", seconds=5, id="heartbeat", max_instances=1, coalesce=True,
-                             next_run_time=dt.datetime.now(dt.UTC))
+        if receives:
+            self.sweeper.add_job(self._beat, "interval", seconds=5, id="heartbeat", max_instances=1,
+                                 coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
+        self.sweeper.start()
 
     def _beat(self) -> None:
         from node.store import utcnow
 
         self.store.beat("listener", socket.gethostname(), os.getpid(), utcnow(), {
             "ae_title": self.cfg.node.ae_title, "host": self.cfg.node.host, "port": self.cfg.node.port,
-            "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid,
-            "metrics_port": self.cfg.metrics.port}, node=self.cfg.node.name)
+            "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid if self.worker else None,
+            "role": self.role, "metrics_port": self.cfg.metrics.port}, node=self.cfg.node.name)
 
     def _release(self, proc) -> None:
         """Put the job a dead or killed worker held back in the queue at once (not after its lease)."""
@@ -118,22 +128,24 @@ class Node:
         return proc
 
     def supervise(self) -> None:
-        if not self.worker.is_alive():
+        if self.worker is not None and not self.worker.is_alive():
             log.error("worker process exited with code %s; starting a new one", self.worker.exitcode)
             self._release(self.worker)
             self.worker = self._start_worker()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
         self.sweeper.shutdown(wait=False)
-        if self.worker.is_alive():
-            self.worker.terminate()  # SIGTERM: the worker finishes its current job, then exits
-            self.worker.join(self.stop_timeout)
+        if self.worker is not None:
             if self.worker.is_alive():
-                log.warning("worker did not finish its job in %.0f s; stopping it", self.stop_timeout)
-                self.worker.kill()
-                self.worker.join(10)
-        self._release(self.worker)
+                self.worker.terminate()  # SIGTERM: the worker finishes its current job, then exits
+                self.worker.join(self.stop_timeout)
+                if self.worker.is_alive():
+                    log.warning("worker did not finish its job in %.0f s; stopping it", self.stop_timeout)
+                    self.worker.kill()
+                    self.worker.join(10)
+            self._release(self.worker)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.store.engine.dispose()
@@ -142,19 +154,25 @@ class Node:
 def serve_cmd(
     ctx: typer.Context,
     stop_timeout: Annotated[float, typer.Option(help="Seconds the worker may take to finish its job on stop.")] = 300.0,
+    role: Annotated[str | None, typer.Option(help="all, receiver or worker (default: node.role from the config).")]
+    = None,
 ) -> None:
     """Run the node: receive (C-STORE), complete studies, analyse, send SC + SR to the destinations."""
     from node.logs import configure_logging
 
     cfg: Config = ctx.obj.config
+    if role is not None:
+        if role not in ("all", "receiver", "worker"):
+            raise NodeError(f"--role {role!r}: expected all, receiver or worker")
+        cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"role": role})})
     configure_logging(cfg.logging, role="node")
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     node = Node(cfg, stop_timeout=stop_timeout)
-    log.warning("petriage serving as %s on %s:%d (storage %s, %d destination(s)) - AI triage aid, not for "
-                "diagnostic use", cfg.node.ae_title, cfg.node.host, cfg.node.port, cfg.storage.root,
-                len(cfg.destinations))
+    log.warning("petriage serving (role %s) as %s on %s:%d (storage %s, %d destination(s)) - AI triage aid, "
+                "not for diagnostic use", cfg.node.role, cfg.node.ae_title, cfg.node.host, cfg.node.port,
+                cfg.storage.root, len(cfg.destinations))
     try:
         while not stopping.wait(1.0):
             node.supervise()
