@@ -10,14 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from node.errors import NodeError
-from node.store import FINAL_STATES, JobState, Store, events, instances, jobs, naive_utc, studies, utcnow
+from node.store import JobState, Store, events, instances, jobs, naive_utc, studies, utcnow
 
 
 class AdminError(NodeError):
@@ -163,46 +162,30 @@ class PurgeResult:
 
 def purge(store: Store, storage_root: Path, older_than: dt.timedelta, *, dry_run: bool = False,
           now: dt.datetime | None = None) -> PurgeResult:
-    """Delete studies whose every job is final and whose last job changed before ``now - older_than``:
-    their spool files, outbox folders, instance, study and job rows. Events stay (the audit trail)."""
+    """Delete studies whose every job is final (failed ones too) and whose last job changed before
+    ``now - older_than``: their spool files, outbox folders, instance, study and job rows. Events stay
+    (the audit trail). The removal itself is housekeeping's (node.housekeeping.remove_study)."""
+    from node.housekeeping import removable, remove_study
+
     now = now or utcnow()
-    cutoff = now - older_than
-    with store.engine.connect() as conn:
-        last = select(jobs.c.study_instance_uid, func.max(jobs.c.updated_at).label("last")).group_by(
-            jobs.c.study_instance_uid).subquery()
-        candidates = [r[0] for r in conn.execute(select(last.c.study_instance_uid).where(last.c.last < cutoff)).all()]
-        open_ = {r[0] for r in conn.execute(select(jobs.c.study_instance_uid).where(
-            jobs.c.state.not_in(FINAL_STATES))).all()}
-        receiving = {r[0] for r in conn.execute(select(studies.c.study_instance_uid).where(
-            studies.c.state == "receiving")).all()}
-    uids = [u for u in candidates if u not in open_ and u not in receiving]
-    result = PurgeResult(uids, 0, 0, 0, dry_run)
+    cutoff = naive_utc(now - older_than)
+    uids = [uid for uid, last in removable(store, settled_only=False) if naive_utc(last) < cutoff]
+    result = PurgeResult([], 0, 0, 0, dry_run)
     for uid in uids:
-        with store.engine.connect() as conn:
-            files = conn.execute(select(instances.c.path, instances.c.bytes).where(
-                instances.c.study_instance_uid == uid)).all()
-            outboxes = [r[0] for r in conn.execute(select(jobs.c.outbox).where(
-                jobs.c.study_instance_uid == uid, jobs.c.outbox.is_not(None))).all()]
-            n_jobs = conn.execute(select(func.count()).select_from(jobs).where(
-                jobs.c.study_instance_uid == uid)).scalar_one()
-        result.jobs += n_jobs
-        result.instances += len(files)
-        result.bytes += sum(int(b) for _, b in files)
         if dry_run:
+            with store.engine.connect() as conn:
+                files = conn.execute(select(instances.c.bytes).where(instances.c.study_instance_uid == uid)).all()
+                n_jobs = conn.execute(select(func.count()).select_from(jobs).where(
+                    jobs.c.study_instance_uid == uid)).scalar_one()
+            result.studies.append(uid)
+            result.jobs, result.instances = result.jobs + n_jobs, result.instances + len(files)
+            result.bytes += sum(int(b) for (b,) in files)
             continue
-        with store.engine.begin() as conn:
-            conn.execute(delete(instances).where(instances.c.study_instance_uid == uid))
-            conn.execute(delete(jobs).where(jobs.c.study_instance_uid == uid))
-            conn.execute(delete(studies).where(studies.c.study_instance_uid == uid))
-            conn.execute(insert(events).values(at=now, study_instance_uid=uid, kind="admin-purge",
-                                               detail=f"{len(files)} instances, {n_jobs} jobs by {operator()}"))
-        for path, _ in files:
-            Path(path).unlink(missing_ok=True)
-        spool_study = Path(storage_root) / "spool" / uid
-        shutil.rmtree(spool_study, ignore_errors=True)
-        for folder in outboxes:
-            shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(Path(storage_root) / "outbox" / uid, ignore_errors=True)
+        removed = remove_study(store, storage_root, uid, now, "admin-purge", f"by {operator()}", settled_only=False)
+        if removed:
+            result.studies.append(uid)
+            result.jobs, result.instances = result.jobs + removed.jobs, result.instances + removed.instances
+            result.bytes += removed.bytes
     return result
 
 

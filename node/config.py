@@ -99,6 +99,18 @@ class StoreSettings(_Section):
         return value.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
+class RetentionSettings(_Section):
+    """How long received studies and their results stay on the node's disk."""
+
+    # Days after its last job changed that a study whose results were delivered is removed (spool,
+    # outbox, rows; the event log stays). null: never by age.
+    days: Annotated[float, Field(gt=0)] | None = 14.0
+    # Under disk pressure delivered studies go earlier, oldest first, while free space is below
+    # storage.min_free_mb plus this much, so new studies keep being accepted.
+    headroom_mb: Annotated[int, Field(ge=0)] = 1024
+    interval_minutes: Annotated[float, Field(gt=0)] = 10.0
+
+
 class StudySettings(_Section):
     """When a study counts as completely received."""
 
@@ -205,6 +217,7 @@ class Config(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

@@ -286,10 +286,14 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
                  "path": str(cfg.storage.root)},
         "model": {k: model.get(k) for k in ("name", "version", "stage1_precision", "providers")}
         if model else {"bundle": str(cfg.model.bundle), "note": "no worker heartbeat yet"},
+        "housekeeping": {"heartbeat_age_seconds": beat_age("housekeeping"),
+                         **(beats.get("housekeeping", {}).get("detail") or {}),
+                         "retention_days": cfg.retention.days},
         "node": this_node,
         "nodes": [{"node": b["node"], "component": b["component"], "host": b["host"], "pid": b["pid"],
                    "heartbeat_age_seconds": (age := (naive_utc(now) - naive_utc(b["at"])).total_seconds()),
-                   "ok": age < HEARTBEAT_STALE_SECONDS} for b in store.node_heartbeats()],
+                   "ok": age < HEARTBEAT_STALE_SECONDS} for b in store.node_heartbeats()
+                  if b["component"] in ("listener", "worker")],
     }
     if as_json:
         _json(report)
@@ -309,6 +313,14 @@ def status_cmd(ctx: typer.Context, as_json: AsJson = False) -> None:
         out.print(f"notify    {notes.get('pending', 0)} pending, {notes.get('failed', 0)} failed", highlight=False)
         out.print(f"disk      {'[green]ok[/green]' if disk_ok else '[bold red]LOW[/bold red]'}  "
                   f"{usage.free / 2**30:.1f} GiB free (floor {cfg.storage.min_free_mb} MiB)", highlight=False)
+        h = report["housekeeping"]
+        if h["heartbeat_age_seconds"] is None:
+            out.print("housekeep no run recorded yet", highlight=False)
+        else:
+            out.print(f"housekeep {_age(h['heartbeat_age_seconds'])} ago: {h.get('removed_for_retention', 0)} "
+                      f"study(ies) past {h['retention_days'] or 'no'} day(s) retention, "
+                      f"{h.get('removed_for_disk_pressure', 0)} for disk space, "
+                      f"{(h.get('bytes_removed') or 0) / 2**20:.1f} MiB", highlight=False)
         m = report["model"]
         out.print(f"model     {m.get('name') or m.get('bundle')} {m.get('version') or ''} "
                   f"{m.get('stage1_precision') or ''} {', '.join(m.get('providers') or [])}", highlight=False)

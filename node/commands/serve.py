@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Config
 from node.errors import NodeError
@@ -62,6 +63,7 @@ class Node:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         from node.assembly import Assembler
+        from node.housekeeping import Housekeeper
         from node.metrics import NodeMetrics
         from node.notify import Notifier
         from node.scp import start_scp
@@ -96,12 +98,27 @@ class Node:
         self._ctx = mp.get_context("spawn")
         self.worker = self._start_worker() if works else None
         self.notifier = Notifier(self.store, cfg.notify)  # every role: notifications are leased
+        self.housekeeper = Housekeeper(self.store, root, cfg.retention, cfg.storage.min_free_mb)
+        self.sweeper.add_job(self._housekeep, "interval", minutes=cfg.retention.interval_minutes, id="housekeeping",
+                             max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.sweeper.add_job(self.notifier.run_due, "interval", seconds=notify_seconds, id="notify",
                              max_instances=1, coalesce=True)
         if receives:
             self.sweeper.add_job(self._beat, "interval", seconds=5, id="heartbeat", max_instances=1,
                                  coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.sweeper.start()
+
+    def _housekeep(self) -> None:
+        """Retention and disk-pressure removal; what it did is this node's "housekeeping" heartbeat."""
+        from node.store import StoreError, utcnow
+
+        try:
+            result = self.housekeeper.run_once()
+        except (StoreError, SQLAlchemyError, OSError) as exc:
+            log.error("housekeeping failed: %s", exc)
+            return
+        self.store.beat("housekeeping", socket.gethostname(), os.getpid(), utcnow(), result.summary(),
+                        node=self.cfg.node.name)
 
     def _beat(self) -> None:
         from node.store import utcnow
