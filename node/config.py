@@ -111,6 +111,15 @@ class RetentionSettings(_Section):
     interval_minutes: Annotated[float, Field(gt=0)] = 10.0
 
 
+class WorkerSettings(_Section):
+    """The analysis worker."""
+
+    # How long a worker's claim on a job lasts between its heartbeats: a job whose worker died with its
+    # host is taken up by another node after this. (A worker that dies while its node lives, or whose
+    # node restarts on the same host, is noticed at once.)
+    lease_seconds: Annotated[float, Field(ge=2, le=3600)] = 120.0
+
+
 class StudySettings(_Section):
     """When a study counts as completely received."""
 
@@ -218,6 +227,7 @@ class Config(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

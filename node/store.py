@@ -465,6 +465,12 @@ class Store:
                 released.append(row.id)
         return released
 
+    def running_owners(self, prefix: str) -> set[str]:
+        """Lease owners whose name starts with ``prefix`` (e.g. this host's "host:") holding running jobs."""
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(select(jobs.c.lease_owner).where(
+                jobs.c.state == JobState.RUNNING, jobs.c.lease_owner.startswith(prefix, autoescape=True))).all()}
+
     def jobs_of(self, study_instance_uid: str) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs).where(jobs.c.study_instance_uid == study_instance_uid)

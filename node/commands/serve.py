@@ -52,13 +52,23 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     worker.run_forever(stop, poll_seconds=0.5)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
 class Node:
     """The running node: listener, sweep, notifier, metrics and a supervised worker process.
 
     Files and the database are made readable by the node's user only (umask 077, storage root 0700).
     """
 
-    def __init__(self, cfg: Config, *, sweep_seconds: float = 1.0, lease_seconds: float = 120.0,
+    def __init__(self, cfg: Config, *, sweep_seconds: float = 1.0, lease_seconds: float | None = None,
                  stop_timeout: float = 300.0, notify_seconds: float = 2.0):
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -70,7 +80,8 @@ class Node:
         from node.spool import sweep_partials
         from node.store import Store, database_url
 
-        self.cfg, self.lease_seconds, self.stop_timeout = cfg, lease_seconds, stop_timeout
+        self.cfg, self.stop_timeout = cfg, stop_timeout
+        self.lease_seconds = lease_seconds or cfg.worker.lease_seconds
         os.umask(0o077)
         root = Path(cfg.storage.root)
         root.mkdir(parents=True, exist_ok=True)
@@ -79,6 +90,7 @@ class Node:
         if removed:
             log.warning("removed %d partial files left by an earlier crash", removed)
         self.store = Store(database_url(root, cfg.store.url))
+        self._release_orphans()
         self.metrics = NodeMetrics(self.store)
         try:
             self.metrics_server = (self.metrics.serve(cfg.metrics.host, cfg.metrics.port)[0]
@@ -127,6 +139,19 @@ class Node:
             "ae_title": self.cfg.node.ae_title, "host": self.cfg.node.host, "port": self.cfg.node.port,
             "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid if self.worker else None,
             "role": self.role, "metrics_port": self.cfg.metrics.port}, node=self.cfg.node.name)
+
+    def _release_orphans(self) -> None:
+        """Jobs held by worker processes of this host that are gone (a crash of this node before this
+        start): back in the queue now, not after their lease. Live processes (another node on this
+        host) keep theirs."""
+        from node.store import utcnow
+
+        for owner in self.store.running_owners(f"{socket.gethostname()}:"):
+            pid = owner.rsplit(":", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                released = self.store.release_leases(owner, utcnow(), f"worker {owner} gone (node restarted)")
+                log.warning("re-queued job(s) %s of worker %s, gone since the last start",
+                            ", ".join(map(str, released)), owner)
 
     def _release(self, proc) -> None:
         """Put the job a dead or killed worker held back in the queue at once (not after its lease)."""
