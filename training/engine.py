@@ -27,6 +27,7 @@ from training.augment import geometry, intensity
 from training.config import Stage1Settings, TrainConfig
 from training.crops import CropPlan, crop_batch
 from training.data import SliceCache
+from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batchnorm, state_from_onnx
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
 from training.models import SliceNet, StudyNet
@@ -85,6 +86,18 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
     return SliceNet(depth=s.depth, width=s.width, in_channels=cfg.preprocess.spec().channels,
                     output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
                     feature_scores=s.feature_scores)
+
+
+def initial_state(cfg: TrainConfig, path: Path, model: SliceNet) -> dict[str, torch.Tensor]:
+    """stage1.init's weights: a run's checkpoint, or an exported bundle's stage 1 (folded, see from_bundle)."""
+    if not is_bundle(path):
+        return load_checkpoint(path)["model"]
+    theirs = PreprocessSpec.from_dict(bundle_preprocess(path))
+    ours = cfg.preprocess.spec()
+    if theirs.slab_spec() != ours.slab_spec() or theirs.context not in (0, ours.context):
+        raise TrainingError(f"stage1.init: bundle {path} was trained on {theirs.to_dict()}, this run's "
+                            f"preprocessing is {ours.to_dict()}")
+    return state_from_onnx(path / "stage1.onnx", model)
 
 
 def load_initial_weights(model: SliceNet, state: dict[str, torch.Tensor]) -> None:
@@ -224,8 +237,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
     last, best_path = run_dir / "stage1_last.pt", run_dir / "stage1.pt"
     start_epoch, best = 0, -1.0
-    if s.init is not None and not last.is_file():  # a second schedule on a first run's weights
-        load_initial_weights(model, load_checkpoint(Path(s.init))["model"])
+    from_bundle = False
+    if s.init is not None and not last.is_file():  # a second schedule on a first run's (or a bundle's) weights
+        from_bundle = is_bundle(Path(s.init))
+        load_initial_weights(model, initial_state(cfg, Path(s.init), model))
         console.print(f"stage 1: starting from the weights of {s.init}")
     if last.is_file():  # resume
         ckpt = load_checkpoint(last)
@@ -237,6 +252,12 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     pos, neg, masks = _rows(cache, set(splits["train"]))
     if not len(pos) or not len(neg):
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
+    if from_bundle:  # folded BNs: give them this training data's statistics before the first step
+        brng = np.random.default_rng(cfg.seed + 29)
+        n = recalibrate_batchnorm(model, (torch.from_numpy(to_float(_batch(cache, np.concatenate(
+            [brng.choice(pos, s.batch_size // 4), brng.choice(neg, s.batch_size - s.batch_size // 4)]), masks)[0]))
+            .to(device) for _ in range(16)))
+        console.print(f"stage 1: {n} batch norms recalibrated on {16 * s.batch_size} training slabs")
     vpos, vneg, _ = _rows(cache, set(splits["val"]))
     vrng = np.random.default_rng(cfg.seed + 17)
     if len(vpos) > 400:  # a fixed sample keeps the per-epoch check cheap on a large validation split
