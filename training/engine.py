@@ -25,7 +25,7 @@ from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
 from training.augment import geometry, intensity
 from training.config import Stage1Settings, TrainConfig
-from training.crops import CropPlan, crop_batch
+from training.crops import CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache
 from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batchnorm, state_from_onnx
 from training.losses import attention_loss, slice_loss
@@ -272,9 +272,13 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     hard_spots = np.zeros((0, 3), dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
     annotated = np.intersect1d(np.fromiter(masks, dtype=np.int64, count=len(masks)), pos)  # sorted
-    crop_plan = CropPlan(s.crop, hard=s.hard_crops) if s.crop else None
+    crop_plan = CropPlan(s.crop, hard=s.hard_crops, small=s.small_clot_crops) if s.crop else None
     if crop_plan is not None and not len(annotated):
         raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")
+    small_spots = small_clot_spots(cache.masks, annotated, masks) if crop_plan and s.small_clot_crops else None
+    if small_spots is not None:
+        console.print(f"stage 1: {len(np.unique(small_spots[:, 0]))} of {len(annotated)} annotated training "
+                      f"slabs hold a small clot ({len(small_spots)} pixels)")
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with _progress() as progress:
@@ -299,7 +303,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 bce, att = _step_loss(model, s, images, mask, labels, has_mask, rng, windows, device, autocast)
                 if crop_plan is not None:
                     cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, s.crop_batch,
-                                              crop_plan, rng, hard_spots)
+                                              crop_plan, rng, hard_spots, small_spots)
                     cbce, catt = _step_loss(model, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
                                             device, autocast)
                     bce, att = (bce + cbce) / 2, (att + catt) / 2
