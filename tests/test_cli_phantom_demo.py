@@ -11,7 +11,9 @@ def test_phantom_command_writes_an_rsna_dataset_and_says_where(tmp_path, capsys)
     code = main(["phantom", "--out", str(tmp_path), "--studies", "2", "--seed", "4", "--matrix", "64",
                  "--slices", "20", "--slice-spacing", "15", "--transfer-syntax", "rle", "--order", "reversed"])
     assert code == 0
-    assert "wrote 2 studies" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 2 studies" in out
+    assert "phantom 1/2 studies" in out and "phantom 2/2 studies" in out  # progress reaches a log file too
     with (tmp_path / "train.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 40
 

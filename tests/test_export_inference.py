@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -96,7 +97,7 @@ def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(traine
     result = Engine(bundle, device="cpu", precision="fp32").analyze(index_series(paths))
     volume = read_volume(paths)
     spec = load_bundle(bundle).spec
-    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
         x = torch.from_numpy(to_float(add_context(preprocess(volume.hu, spec, volume.pixel_spacing_mm), spec.context)))
@@ -125,7 +126,7 @@ def test_thin_slices_are_averaged_into_slabs_of_the_training_spacing_before_the_
     assert all(k.index % 4 == 2 for k in result.key_slices)  # the middle slice of a 4-slice slab
     volume = read_volume(paths)
     slabs = volume.hu.reshape(24, 4, *volume.hu.shape[1:]).mean(axis=1)
-    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
         spec = load_bundle(bundle).spec
@@ -331,3 +332,67 @@ def test_check_bundle_reports_a_named_test_with_intervals_levels_and_pointing(tm
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bundle.py"), "--bundle", str(DEMO),
                           "--test", "nothing-here"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "NAME=DATASET" in bad.stderr
+
+
+def _bundle_outputs(bundle: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(bundle / "stage1.onnx"), providers=["CPUExecutionProvider"])
+    logit, _, cam = session.run(None, {session.get_inputs()[0].name: x})
+    return logit, cam
+
+
+def test_a_bundles_stage1_read_back_as_torch_weights_computes_the_bundles_logits_and_cams(trained_run, bundle):
+    from training.from_bundle import state_from_onnx
+    net = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]  # its weights get replaced
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    net.load_state_dict(state_from_onnx(bundle / "stage1.onnx", net))
+    x = np.random.default_rng(3).random((4, 5, 64, 64), dtype=np.float32)
+    logit, cam = _bundle_outputs(bundle, x)
+    with torch.no_grad():
+        ours = net.eval()(torch.from_numpy(x))
+    np.testing.assert_allclose(ours[0].numpy(), logit, atol=1e-4)
+    np.testing.assert_allclose(ours[2].numpy(), cam, atol=1e-4)
+
+
+def test_recalibrated_batch_norms_keep_the_eval_function_and_let_training_mode_start_from_it(trained_run, bundle):
+    from training.from_bundle import recalibrate_batchnorm, state_from_onnx
+    net = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]
+    net.load_state_dict(state_from_onnx(bundle / "stage1.onnx", net))
+    rng = np.random.default_rng(4)
+    batches = [torch.from_numpy(rng.random((8, 5, 64, 64), dtype=np.float32)) for _ in range(4)]
+    x = torch.cat(batches)
+
+    def outputs(train: bool) -> torch.Tensor:
+        with torch.no_grad():  # a copy: training mode would move the running statistics
+            return copy.deepcopy(net).train(train)(x)[0]
+
+    before_eval, before_train = outputs(False), outputs(True)
+    assert recalibrate_batchnorm(net, batches) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    after_eval, after_train = outputs(False), outputs(True)
+    torch.testing.assert_close(after_eval, before_eval, atol=1e-4, rtol=0)
+    # Folded (identity) BNs normalise by the batch in training mode and change the function; measured ones
+    # barely do.
+    assert (after_train - after_eval).abs().max() * 10 < (before_train - before_eval).abs().max()
+
+
+def test_petriage_train_continues_stage1_from_an_exported_bundle_and_refuses_another_input(trained_run, bundle,
+                                                                                          tmp_path, capsys):
+    config = trained_run / "config.yaml"
+    again = tmp_path / "again"
+    args = ["stage1", "--config", str(config), "--run", str(again), "--set", f"stage1.init={bundle}",
+            "--set", "stage1.epochs=1", "--set", "stage1.steps_per_epoch=1", "--set", "stage1.lr=1e-9"]
+    assert train_main(args) == 0, capsys.readouterr().err
+    assert "batch norms recalibrated" in capsys.readouterr().out
+    net = load_slice_net(again / "stage1_last.pt", torch.device("cpu"))[0].eval()
+    x = np.random.default_rng(5).random((4, 5, 64, 64), dtype=np.float32)
+    logit, _ = _bundle_outputs(bundle, x)
+    with torch.no_grad():
+        ours = net(torch.from_numpy(x))[0].numpy()
+    # One step at a vanishing rate: only the BNs' running statistics moved (momentum 0.1 towards one batch).
+    np.testing.assert_allclose(ours, logit, atol=0.05 * np.abs(logit).max())
+    other = tmp_path / "other"
+    code = train_main([*args[:4], str(other), *args[5:], "--set", "preprocess.size=48"])
+    assert code == 1  # a training error, named, not a traceback
+    assert "was trained on" in capsys.readouterr().err and not (other / "stage1_last.pt").exists()

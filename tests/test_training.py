@@ -16,7 +16,7 @@ from node.series import read_volume
 from training import TrainingError
 from training.cli import _prepare
 from training.cli import main as train_main
-from training.crops import MASK_ON, CropPlan, crop_batch
+from training.crops import MASK_ON, CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
 from training.engine import load_initial_weights
 from training.evaluate import max_slice_auc
@@ -317,6 +317,28 @@ def test_crops_take_their_label_from_the_mask_they_hold():
         crop_batch(images, masks, annotated, mask_of, negatives, 4, CropPlan(96), rng)
 
 
+def test_small_clot_crops_centre_on_the_small_clot_of_a_slab_that_also_holds_a_large_one():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 120, (3, 3, 64, 64), dtype=np.uint8)
+    masks = np.zeros((1, 64, 64), np.uint8)
+    masks[0, 4:20, 4:20] = 255  # a lobar clot: 256 pixels
+    masks[0, 50:52, 50:53] = 255  # a segmental one: 6 pixels
+    annotated, mask_of, negatives = np.array([0]), {0: 0}, np.array([1, 2])
+    spots = small_clot_spots(masks, annotated, mask_of)
+    assert {(y, x) for _, y, x in spots} == {(y, x) for y in (50, 51) for x in (50, 51, 52)}
+    small_ones = masks.copy()
+    small_ones[0, 4:20, 4:20] = 0
+
+    def crops_holding_the_small_clot(plan: CropPlan) -> int:
+        _, m, labels = crop_batch(images, masks, annotated, mask_of, negatives, 40, plan,
+                                  np.random.default_rng(2), small_spots=spots)
+        assert labels[:20].all()
+        return sum(int((m[i] >= MASK_ON).sum()) == 6 for i in range(20))  # the small clot alone
+
+    assert crops_holding_the_small_clot(CropPlan(24, small=1.0)) == 20
+    assert crops_holding_the_small_clot(CropPlan(24)) <= 2  # uniform pixels: the large clot's 256 win
+
+
 def test_petriage_train_with_crops_cells_and_scores_runs_end_to_end(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"data.root={tiny_dataset}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
@@ -324,7 +346,7 @@ def test_petriage_train_with_crops_cells_and_scores_runs_end_to_end(tiny_dataset
                  "stage1.steps_per_epoch=4", "stage1.batch_size=4", "stage1.crop=32", "stage1.crop_batch=8",
                  "stage1.attention_loss=cells", "stage1.augmentation=full", "stage1.feature_scores=true",
                  "stage2.inputs=scores", "stage2.epochs=2", "eval.bootstrap=200", "eval.overlay_examples=4",
-                 "stage1.hard_negatives=0.5", "stage1.hard_crops=0.5"]
+                 "stage1.hard_negatives=0.5", "stage1.hard_crops=0.5", "stage1.small_clot_crops=0.5"]
     assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0, \
         capsys.readouterr().err
     assert np.load(run / "features.npy").shape == (10 * TINY.slices, 130)

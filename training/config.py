@@ -83,7 +83,12 @@ class Stage1Settings(_Section):
     # Share of the PE-negative crops centred on the CAM peak of those hard negatives (the very spot
     # that fooled the network last epoch: a flow artefact, a bifurcation, a lymph node).
     hard_crops: float = Field(default=0.0, ge=0, le=1)
-    # Start from the weights of this stage-1 checkpoint (a longer schedule in two runs); None: scratch.
+    # Share of the embolus crops centred on a small clot (at most 10 clot pixels within 6 mm at the
+    # cache's pixels: segmental and subsegmental clots), which uniform crops rarely pick (crops.py).
+    small_clot_crops: float = Field(default=0.0, ge=0, le=1)
+    # Start from these weights (a longer schedule in two runs); None: scratch. A run's stage-1 checkpoint,
+    # or an exported bundle's folder: its folded stage 1 is read back and its BNs recalibrated on this
+    # run's training slabs (training/from_bundle.py); the bundle's preprocessing must be this run's.
     init: Path | None = None
 
 

@@ -40,6 +40,30 @@ class CropPlan:
     bright: float = 0.7  # share of vessel crops centred on a bright pixel
     bright_level: int = 146  # first-window byte of about 150 HU in the PE window (100, 700)
     hard: float = 0.0  # share of vessel crops centred on a hard negative's CAM peak (when given)
+    small: float = 0.0  # share of embolus crops centred on a small clot's pixel (when given)
+
+
+def small_clot_spots(masks: np.ndarray, annotated: np.ndarray, mask_of: dict[int, int], max_pixels: int = 10,
+                     radius: int = 4) -> np.ndarray:
+    """(k, 3) row, y, x of every clot pixel with at most ``max_pixels`` clot pixels within ``radius``.
+
+    A pixel of a large clot has many clot neighbours, one of a segmental clot (a median 6 input pixels
+    at 1.5 mm) few; the box count is that distinction without labelling components. Uniform crops
+    draw a slab, then a pixel of its mask, so a slab with a lobar and a segmental clot is almost always
+    cropped on the lobar one, and the 6 % of annotated slabs whose clots are all small rarely come up.
+    """
+    k = 2 * radius + 1
+    spots = []
+    for row in annotated:
+        on = (np.asarray(masks[mask_of[int(row)]]) >= MASK_ON).astype(np.int32)
+        if not on.any():
+            continue
+        c = np.pad(on, radius).cumsum(0).cumsum(1)
+        c = np.pad(c, ((1, 0), (1, 0)))
+        count = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]  # clot pixels in each pixel's box
+        ys, xs = np.nonzero(on.astype(bool) & (count <= max_pixels))
+        spots += [(int(row), int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
+    return np.array(spots, dtype=np.int64).reshape(-1, 3)
 
 
 def _clamp(c: int, size: int, full: int) -> int:
@@ -56,13 +80,16 @@ def _window(img: np.ndarray, mask: np.ndarray | None, cy: int, cx: int, size: in
 
 def crop_batch(images: np.ndarray, masks: np.ndarray, annotated: np.ndarray, mask_of: dict[int, int],
                negatives: np.ndarray, n: int, plan: CropPlan, rng: np.random.Generator,
-               hard_spots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               hard_spots: np.ndarray | None = None,
+               small_spots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n crops: images (n, C, s, s) uint8, masks (n, s, s) uint8 and labels (n,) from the crops' masks.
 
     ``annotated``: rows of annotated PE slabs; ``mask_of``: row -> mask row; ``negatives``: rows of
-    PE-negative slabs; ``hard_spots``: (k, 3) PE-negative row, y, x where the network fired last.
+    PE-negative slabs; ``hard_spots``: (k, 3) PE-negative row, y, x where the network fired last;
+    ``small_spots``: (k, 3) annotated row, y, x of small clots' pixels (``small_clot_spots``).
     """
     hard = hard_spots if hard_spots is not None and len(hard_spots) and plan.hard > 0 else None
+    small = small_spots if small_spots is not None and len(small_spots) and plan.small > 0 else None
     s, full = plan.size, images.shape[-1]
     if s > full:
         raise ValueError(f"crop {s} is larger than the cached slices ({full})")
@@ -78,7 +105,11 @@ def crop_batch(images: np.ndarray, masks: np.ndarray, annotated: np.ndarray, mas
             ys, xs = np.nonzero(mask >= MASK_ON)
             if not len(ys):
                 ys, xs = np.unravel_index([int(np.argmax(mask))], mask.shape)
-            if i < n_emb:
+            if i < n_emb and small is not None and rng.random() < plan.small:
+                row, y, x = (int(v) for v in small[int(rng.integers(len(small)))])
+                img, mask = images[row], masks[mask_of[row]]
+                cy, cx = (int(v) for v in np.array([y, x]) + rng.integers(-half, half + 1, 2))
+            elif i < n_emb:
                 k = int(rng.integers(len(ys)))
                 cy, cx = (int(v) for v in np.array([ys[k], xs[k]]) + rng.integers(-half, half + 1, 2))
             else:  # beside: a window clear of the clot, if one is found in a few tries

@@ -25,8 +25,9 @@ from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError
 from training.augment import geometry, intensity
 from training.config import Stage1Settings, TrainConfig
-from training.crops import CropPlan, crop_batch
+from training.crops import CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache
+from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batchnorm, state_from_onnx
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
 from training.models import SliceNet, StudyNet
@@ -85,6 +86,18 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
     return SliceNet(depth=s.depth, width=s.width, in_channels=cfg.preprocess.spec().channels,
                     output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
                     feature_scores=s.feature_scores)
+
+
+def initial_state(cfg: TrainConfig, path: Path, model: SliceNet) -> dict[str, torch.Tensor]:
+    """stage1.init's weights: a run's checkpoint, or an exported bundle's stage 1 (folded, see from_bundle)."""
+    if not is_bundle(path):
+        return load_checkpoint(path)["model"]
+    theirs = PreprocessSpec.from_dict(bundle_preprocess(path))
+    ours = cfg.preprocess.spec()
+    if theirs.slab_spec() != ours.slab_spec() or theirs.context not in (0, ours.context):
+        raise TrainingError(f"stage1.init: bundle {path} was trained on {theirs.to_dict()}, this run's "
+                            f"preprocessing is {ours.to_dict()}")
+    return state_from_onnx(path / "stage1.onnx", model)
 
 
 def load_initial_weights(model: SliceNet, state: dict[str, torch.Tensor]) -> None:
@@ -224,8 +237,10 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
     last, best_path = run_dir / "stage1_last.pt", run_dir / "stage1.pt"
     start_epoch, best = 0, -1.0
-    if s.init is not None and not last.is_file():  # a second schedule on a first run's weights
-        load_initial_weights(model, load_checkpoint(Path(s.init))["model"])
+    from_bundle = False
+    if s.init is not None and not last.is_file():  # a second schedule on a first run's (or a bundle's) weights
+        from_bundle = is_bundle(Path(s.init))
+        load_initial_weights(model, initial_state(cfg, Path(s.init), model))
         console.print(f"stage 1: starting from the weights of {s.init}")
     if last.is_file():  # resume
         ckpt = load_checkpoint(last)
@@ -237,6 +252,12 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     pos, neg, masks = _rows(cache, set(splits["train"]))
     if not len(pos) or not len(neg):
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
+    if from_bundle:  # folded BNs: give them this training data's statistics before the first step
+        brng = np.random.default_rng(cfg.seed + 29)
+        n = recalibrate_batchnorm(model, (torch.from_numpy(to_float(_batch(cache, np.concatenate(
+            [brng.choice(pos, s.batch_size // 4), brng.choice(neg, s.batch_size - s.batch_size // 4)]), masks)[0]))
+            .to(device) for _ in range(16)))
+        console.print(f"stage 1: {n} batch norms recalibrated on {16 * s.batch_size} training slabs")
     vpos, vneg, _ = _rows(cache, set(splits["val"]))
     vrng = np.random.default_rng(cfg.seed + 17)
     if len(vpos) > 400:  # a fixed sample keeps the per-epoch check cheap on a large validation split
@@ -251,9 +272,13 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     hard_spots = np.zeros((0, 3), dtype=np.int64)
     neg_p = matched_weights(cache, pos, neg)
     annotated = np.intersect1d(np.fromiter(masks, dtype=np.int64, count=len(masks)), pos)  # sorted
-    crop_plan = CropPlan(s.crop, hard=s.hard_crops) if s.crop else None
+    crop_plan = CropPlan(s.crop, hard=s.hard_crops, small=s.small_clot_crops) if s.crop else None
     if crop_plan is not None and not len(annotated):
         raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")
+    small_spots = small_clot_spots(cache.masks, annotated, masks) if crop_plan and s.small_clot_crops else None
+    if small_spots is not None:
+        console.print(f"stage 1: {len(np.unique(small_spots[:, 0]))} of {len(annotated)} annotated training "
+                      f"slabs hold a small clot ({len(small_spots)} pixels)")
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with _progress() as progress:
@@ -278,7 +303,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 bce, att = _step_loss(model, s, images, mask, labels, has_mask, rng, windows, device, autocast)
                 if crop_plan is not None:
                     cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, s.crop_batch,
-                                              crop_plan, rng, hard_spots)
+                                              crop_plan, rng, hard_spots, small_spots)
                     cbce, catt = _step_loss(model, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
                                             device, autocast)
                     bce, att = (bce + cbce) / 2, (att + catt) / 2

@@ -70,6 +70,9 @@ def phantom_cmd(
 
         def advance(done: int, total: int, message: str) -> None:
             progress.update(task, completed=done, description=message)
+            if not out.is_terminal and (done % max(1, total // 20) == 0 or done == total):
+                # a log file gets no live bar: one plain line every 5 %
+                out.print(f"phantom {done}/{total} studies, {time.perf_counter() - start:.0f} s: {message}")
 
         csv_path = write_rsna_dataset(out_dir, studies=studies, positive_fraction=positive_fraction, seed=seed,
                                       options=options, annotated_fraction=annotated_fraction,
