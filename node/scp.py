@@ -41,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.config import Config
 from node.errors import NodeError
 from node.spool import SpoolError, check_uid, instance_path, write_atomic
+from node.storage_mark import StorageMark
 from node.store import Received, Store, StoreError
 from node.triage import URGENCY_KEYWORDS, is_urgent, urgency_values
 
@@ -69,8 +70,10 @@ class StorageHandler:
     """C-STORE: check space, spool, record, then answer."""
 
     def __init__(self, store: Store, spool_root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 urgent_values: tuple[str, ...] = (), on_status: Callable[[str], None] | None = None):
+                 urgent_values: tuple[str, ...] = (), on_status: Callable[[str], None] | None = None,
+                 mark: StorageMark | None = None):
         self.store, self.spool_root, self.fsync, self.on_status = store, Path(spool_root), fsync, on_status
+        self.mark = mark
         self.min_free_bytes, self.urgent_values = min_free_bytes, {v.upper() for v in urgent_values}
 
     def _space_left(self, incoming: int) -> bool:
@@ -96,6 +99,10 @@ class StorageHandler:
         except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot even re-encode: refuse it, named
             log.warning("C-STORE from %s refused: the data set cannot be read (%s)", calling, type(exc).__name__)
             return CANNOT_UNDERSTAND
+        if self.mark is not None and not self.mark.present():
+            log.error("C-STORE from %s refused: storage.root %s has lost its mark (shared storage not mounted?)",
+                      calling, self.mark.root)
+            return OUT_OF_RESOURCES
         if not self._space_left(len(data)):
             log.error("C-STORE from %s refused: less than %d MiB would be free on the storage file system",
                       calling, self.min_free_bytes // 2**20)
@@ -208,13 +215,14 @@ class ListenerServer(ThreadedAssociationServer):
         self.server_close()
 
 
-def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None):
+def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None,
+              mark: StorageMark | None = None):
     """Start listening on ``node.host:node.port`` in a background thread; returns the server
     (``shutdown()`` stops it)."""
     ae = make_ae(config)
     handler = StorageHandler(store, Path(config.storage.root) / "spool", fsync=fsync,
                              min_free_bytes=config.storage.min_free_mb * 2**20,
-                             urgent_values=tuple(config.triage.urgent_values), on_status=on_status)
+                             urgent_values=tuple(config.triage.urgent_values), on_status=on_status, mark=mark)
     handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
     try:
         tls = server_tls_context(config)

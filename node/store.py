@@ -140,6 +140,12 @@ heartbeats = Table(
     Column("detail", Text, nullable=False, default="{}"),  # JSON: port, model, providers ...
 )
 
+settings = Table(  # the store as a whole (revision 0003): storage-mark -> the storage root's identity
+    "settings", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
 events = Table(
     "events", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -576,6 +582,22 @@ class Store:
             if row["component"] not in newest or naive_utc(row["at"]) > naive_utc(newest[row["component"]]["at"]):
                 newest[row["component"]] = row
         return newest
+
+    def setting_once(self, key: str, value: str) -> str:
+        """The store's setting ``key``: set to ``value`` if it has none (the first node wins a race)."""
+        try:
+            with self.engine.begin() as conn:
+                known = conn.execute(select(settings.c.value).where(settings.c.key == key)).scalar()
+                if known is not None:
+                    return str(known)
+                conn.execute(insert(settings).values(key=key, value=value))
+            return value
+        except SQLAlchemyError:  # another node inserted it between our read and our insert
+            with self.engine.begin() as conn:
+                known = conn.execute(select(settings.c.value).where(settings.c.key == key)).scalar()
+            if known is None:
+                raise StoreError(f"cannot record the store setting {key}") from None
+            return str(known)
 
     def record_event(self, study_instance_uid: str | None, kind: str, detail: str,
                      now: dt.datetime | None = None) -> None:

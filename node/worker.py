@@ -28,6 +28,7 @@ from node.outputs.uids import result_key
 from node.scu import HIGH, MEDIUM, SendError, send_files
 from node.selection import SeriesRules, choose_ctpa
 from node.series import SeriesError, SeriesIndex, SliceError, check_spacing, index_series, screen_pixels, source_slice
+from node.storage_mark import StorageMark
 from node.store import JobState, Store, utcnow
 from node.triage import priority as triage_priority
 
@@ -70,8 +71,9 @@ class Worker:
                  destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE",
                  rules: SeriesRules | None = None, max_gap_factor: float = 1.5,
                  triage: TriageSettings | None = None, notify: NotifySettings | None = None,
-                 node_name: str | None = None):
-        self.store, self.engine = store, engine
+                 node_name: str | None = None, storage_mark: StorageMark | None = None):
+        self.store, self.engine, self.storage_mark = store, engine, storage_mark
+        self._mark_missing_logged = False
         self.node_name = node_name or socket.gethostname()
         self.owner = owner or worker_name()
         self.lease_seconds, self.clock = lease_seconds, clock
@@ -81,7 +83,15 @@ class Worker:
         self._last_beat = 0.0
 
     def run_once(self) -> dict | None:
-        """Claim and advance one job; returns its new state, or None when nothing is due."""
+        """Claim and advance one job; returns its new state, or None when nothing is due (or the
+        storage root's mark is gone: the shared storage is not mounted, so no job is started)."""
+        if self.storage_mark is not None and not self.storage_mark.present():
+            if not self._mark_missing_logged:
+                log.error("storage.root %s has lost its mark %s (shared storage not mounted?): no job is claimed "
+                          "until it is back", self.storage_mark.root, self.storage_mark.path.name)
+                self._mark_missing_logged = True
+            return None
+        self._mark_missing_logged = False
         job = self.store.claim_job(self.owner, self.lease_seconds, self.clock())
         if job is None:
             return None

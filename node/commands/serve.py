@@ -33,6 +33,7 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     from node.inference import Engine
     from node.logs import configure_logging
     from node.selection import SeriesRules
+    from node.storage_mark import claim_storage
     from node.store import Store, database_url
     from node.worker import Worker
 
@@ -43,12 +44,13 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     os.umask(0o077)  # outbox files: the node's user only
     store = Store(database_url(cfg.storage.root, cfg.store.url))
+    mark = claim_storage(Path(cfg.storage.root), store)
     engine = Engine(cfg.model.bundle, device=cfg.model.device, precision=cfg.model.precision,
                     threads=cfg.model.threads or None, key_slices=cfg.model.key_images)
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
                     destinations=cfg.destinations, ae_title=cfg.node.ae_title,
                     rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor,
-                    triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name)
+                    triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name, storage_mark=mark)
     worker.run_forever(stop, poll_seconds=0.5)
 
 
@@ -78,6 +80,7 @@ class Node:
         from node.notify import Notifier
         from node.scp import start_scp
         from node.spool import sweep_partials
+        from node.storage_mark import claim_storage
         from node.store import Store, database_url
 
         self.cfg, self.stop_timeout = cfg, stop_timeout
@@ -90,6 +93,7 @@ class Node:
         if removed:
             log.warning("removed %d partial files left by an earlier crash", removed)
         self.store = Store(database_url(root, cfg.store.url))
+        self.mark = claim_storage(root, self.store)
         self._release_orphans()
         self.metrics = NodeMetrics(self.store)
         try:
@@ -103,7 +107,8 @@ class Node:
         self.sweeper = BackgroundScheduler(timezone="UTC")
         self.server = None
         if receives:  # the listener, and the sweep that decides when its studies are complete
-            self.server = start_scp(cfg, self.store, on_status=lambda s: self.metrics.received.labels(s).inc())
+            self.server = start_scp(cfg, self.store, mark=self.mark,
+                                    on_status=lambda s: self.metrics.received.labels(s).inc())
             assembler = Assembler(self.store, cfg.study, triage=cfg.triage, on_complete=self.metrics.completed.inc)
             self.sweeper.add_job(assembler.sweep, "interval", seconds=sweep_seconds, id="study-sweep",
                                  max_instances=1, coalesce=True)
