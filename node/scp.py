@@ -40,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
 from node.errors import NodeError
+from node.group_commit import GroupRecorder
 from node.spool import SpoolError, check_uid, instance_path, write_atomic
 from node.storage_mark import StorageMark
 from node.store import Received, Store, StoreError
@@ -71,9 +72,9 @@ class StorageHandler:
 
     def __init__(self, store: Store, spool_root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
                  urgent_values: tuple[str, ...] = (), on_status: Callable[[str], None] | None = None,
-                 mark: StorageMark | None = None):
+                 mark: StorageMark | None = None, recorder: GroupRecorder | None = None):
         self.store, self.spool_root, self.fsync, self.on_status = store, Path(spool_root), fsync, on_status
-        self.mark = mark
+        self.mark, self.recorder = mark, recorder
         self.min_free_bytes, self.urgent_values = min_free_bytes, {v.upper() for v in urgent_values}
 
     def _space_left(self, incoming: int) -> bool:
@@ -134,9 +135,10 @@ class StorageHandler:
             log.error("C-STORE from %s: %s", calling, exc)
             return OUT_OF_RESOURCES
         try:
-            self.store.record_instance(Received(sop, study, series, str(event.request.AffectedSOPClassUID),
-                                                str(event.context.transfer_syntax), path, len(data), calling,
-                                                urgent, str(event.assoc.requestor.address or "")))
+            record = self.recorder.record if self.recorder else self.store.record_instance
+            record(Received(sop, study, series, str(event.request.AffectedSOPClassUID),
+                            str(event.context.transfer_syntax), path, len(data), calling, urgent,
+                            str(event.assoc.requestor.address or "")))
         except StoreError as exc:
             if not existed:
                 path.unlink(missing_ok=True)  # not recorded: keep nothing, the sender retries
@@ -206,6 +208,7 @@ class ListenerServer(ThreadedAssociationServer):
     before it accepts anything, and served by a thread of ours (hence our own ``shutdown``)."""
 
     source_filter: SourceFilter | None = None
+    recorder: GroupRecorder | None = None
 
     def verify_request(self, request, client_address) -> bool:  # socketserver's hook, before any DICOM
         return self.source_filter is None or self.source_filter(request, client_address)
@@ -213,6 +216,8 @@ class ListenerServer(ThreadedAssociationServer):
     def shutdown(self) -> None:
         socketserver.TCPServer.shutdown(self)
         self.server_close()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None,
@@ -220,22 +225,26 @@ def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Ca
     """Start listening on ``node.host:node.port`` in a background thread; returns the server
     (``shutdown()`` stops it)."""
     ae = make_ae(config)
-    handler = StorageHandler(store, Path(config.storage.root) / "spool", fsync=fsync,
-                             min_free_bytes=config.storage.min_free_mb * 2**20,
-                             urgent_values=tuple(config.triage.urgent_values), on_status=on_status, mark=mark)
-    handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
     try:
         tls = server_tls_context(config)
     except (OSError, ssl.SSLError) as exc:
         raise NodeError(f"node.tls: cannot load the certificate or key: {exc}") from exc
+    recorder = GroupRecorder(store)
+    handler = StorageHandler(store, Path(config.storage.root) / "spool", fsync=fsync,
+                             min_free_bytes=config.storage.min_free_mb * 2**20,
+                             urgent_values=tuple(config.triage.urgent_values), on_status=on_status, mark=mark,
+                             recorder=recorder)
+    handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
     log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.host, config.node.port,
              " (DICOM TLS)" if tls else "")
     try:
         server = ae.make_server((config.node.host, config.node.port), ssl_context=tls, evt_handlers=handlers,
                                 server_class=ListenerServer)
     except OSError as exc:
+        recorder.close()
         raise NodeError(f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror or exc}") from exc
     assert isinstance(server, ListenerServer)
+    server.recorder = recorder
     server.source_filter = SourceFilter(config.node.allowed_source_ips, store)  # before the first connection
     threading.Thread(target=server.serve_forever, name=f"petriage-listener:{config.node.port}", daemon=True).start()
     return server

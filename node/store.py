@@ -252,45 +252,55 @@ class Store:
 
         A study that was already complete is reopened, so it is analysed again once it is quiet.
         """
+        return self.record_instances([item], now)[0]
+
+    def record_instances(self, items: Sequence[Received], now: dt.datetime | None = None) -> list[bool]:
+        """Record several stored instances in one transaction (group commit: one fsync for all of them);
+        returns, for each, False where it was a duplicate. All are recorded or none (StoreError)."""
         now = now or utcnow()
         try:
             with self.engine.begin() as conn:
-                known = conn.execute(select(instances.c.sop_instance_uid).where(
-                    instances.c.sop_instance_uid == item.sop_instance_uid)).first()
-                if known:
-                    conn.execute(update(instances).where(instances.c.sop_instance_uid == item.sop_instance_uid)
-                                 .values(path=str(item.path), bytes=item.bytes, received_at=now))
-                    conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                                       kind="duplicate", detail=item.sop_instance_uid))
-                    return False
-                conn.execute(insert(instances).values(
-                    sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
-                    series_instance_uid=item.series_instance_uid, sop_class_uid=item.sop_class_uid,
-                    transfer_syntax_uid=item.transfer_syntax_uid, path=str(item.path), bytes=item.bytes,
-                    calling_ae_title=item.calling_ae_title, received_at=now))
-                study = conn.execute(select(studies.c.state).where(
-                    studies.c.study_instance_uid == item.study_instance_uid)).first()
-                if study is None:
-                    conn.execute(insert(studies).values(
-                        study_instance_uid=item.study_instance_uid, state=StudyState.RECEIVING, instances=1,
-                        first_received_at=now, last_received_at=now, wait_started_at=now, urgent=item.urgent))
-                    conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                                       kind="study-started",
-                                                       detail=f"from {item.calling_ae_title}"
-                                                       + (f" at {item.address}" if item.address else "")))
-                else:
-                    values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
-                    if item.urgent:
-                        values["urgent"] = True
-                    if study.state != StudyState.RECEIVING:
-                        values |= {"state": StudyState.RECEIVING, "completed_at": None, "wait_started_at": now}
-                        conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                                           kind="study-reopened", detail=item.sop_instance_uid))
-                    conn.execute(update(studies).where(studies.c.study_instance_uid == item.study_instance_uid)
-                                 .values(**values))
-                return True
+                return [self._record(conn, item, now) for item in items]
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot record instance of study ...{item.study_instance_uid[-8:]}: {exc}") from exc
+            which = items[0].study_instance_uid[-8:] if len(items) == 1 else f"{len(items)} instances"
+            raise StoreError(f"cannot record instance of study ...{which}: {exc}") from exc
+
+    @staticmethod
+    def _record(conn, item: Received, now: dt.datetime) -> bool:
+        known = conn.execute(select(instances.c.sop_instance_uid).where(
+            instances.c.sop_instance_uid == item.sop_instance_uid)).first()
+        if known:
+            conn.execute(update(instances).where(instances.c.sop_instance_uid == item.sop_instance_uid)
+                         .values(path=str(item.path), bytes=item.bytes, received_at=now))
+            conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
+                                               kind="duplicate", detail=item.sop_instance_uid))
+            return False
+        conn.execute(insert(instances).values(
+            sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
+            series_instance_uid=item.series_instance_uid, sop_class_uid=item.sop_class_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid, path=str(item.path), bytes=item.bytes,
+            calling_ae_title=item.calling_ae_title, received_at=now))
+        study = conn.execute(select(studies.c.state).where(
+            studies.c.study_instance_uid == item.study_instance_uid)).first()
+        if study is None:
+            conn.execute(insert(studies).values(
+                study_instance_uid=item.study_instance_uid, state=StudyState.RECEIVING, instances=1,
+                first_received_at=now, last_received_at=now, wait_started_at=now, urgent=item.urgent))
+            conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
+                                               kind="study-started",
+                                               detail=f"from {item.calling_ae_title}"
+                                               + (f" at {item.address}" if item.address else "")))
+            return True
+        values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
+        if item.urgent:
+            values["urgent"] = True
+        if study.state != StudyState.RECEIVING:
+            values |= {"state": StudyState.RECEIVING, "completed_at": None, "wait_started_at": now}
+            conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
+                                               kind="study-reopened", detail=item.sop_instance_uid))
+        conn.execute(update(studies).where(studies.c.study_instance_uid == item.study_instance_uid)
+                     .values(**values))
+        return True
 
     def complete_quiet_studies(self, now: dt.datetime, quiet_seconds: float, max_wait_seconds: float,
                                priority_of: Callable[[bool], int] = lambda urgent: 0) -> list[str]:

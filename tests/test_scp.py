@@ -154,3 +154,39 @@ def test_a_port_already_in_use_is_a_clear_error_not_a_traceback(node):
     cfg, store = node
     with pytest.raises(NodeError, match=f"cannot listen on 127.0.0.1:{cfg.node.port}"):
         start_scp(cfg, store)
+
+
+def test_rows_that_wait_while_a_commit_runs_are_committed_together_and_each_once(tmp_path):
+    import sqlite3
+    import threading
+    import time
+
+    from node.group_commit import GroupRecorder
+    from node.store import Received
+
+    store = Store(database_url(tmp_path))
+    recorder = GroupRecorder(store)
+    lock = sqlite3.connect(tmp_path / "petriage.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holds the database: the first commit waits for it
+    results: dict[str, bool] = {}
+
+    def send(k: int) -> None:
+        results[f"1.2.9.{k}"] = recorder.record(Received(f"1.2.9.{k}", "1.2.9", "1.2.9.0", "1.2.840.10008.5.1.4.1.1.2",
+                                                          "1.2.840.10008.1.2.1", tmp_path / f"{k}.dcm", 10, "MOD"))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(10)]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while recorder._queue.qsize() and time.monotonic() < deadline:  # the recorder took the first row
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    while recorder._queue.qsize() < 9 and time.monotonic() < deadline:  # nine more wait behind that commit
+        time.sleep(0.01)
+    lock.execute("COMMIT")
+    for t in threads:
+        t.join(30)
+    recorder.close()
+    assert results == {f"1.2.9.{k}": True for k in range(10)}
+    assert (recorder.batches, recorder.rows) == (2, 10)  # the nine waiting rows: one transaction
+    assert store.study("1.2.9")["instances"] == 10
