@@ -68,7 +68,10 @@ class NodeSettings(_Section):
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     allowed_source_ips: list[IPv4Network | IPv6Network] = Field(default_factory=list)  # addresses or CIDR
     tls: TLSSettings | None = None
-    max_associations: Annotated[int, Field(ge=1, le=256)] = 10
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 10  # per receiver process
+    # Listener processes on this host, all on node.port (SO_REUSEPORT: the kernel spreads associations
+    # over them), so that several senders use several cores. Linux; 1 = one listener in the node itself.
+    receivers: Annotated[int, Field(ge=1, le=32)] = 1
     max_pdu_size: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # bytes we accept per PDU; 0 = no limit
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -118,6 +121,8 @@ class WorkerSettings(_Section):
     # host is taken up by another node after this. (A worker that dies while its node lives, or whose
     # node restarts on the same host, is noticed at once.)
     lease_seconds: Annotated[float, Field(ge=2, le=3600)] = 120.0
+    # Worker processes on this host (each loads the model once and analyses one study at a time).
+    processes: Annotated[int, Field(ge=1, le=32)] = 1
 
 
 class StudySettings(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import socket
 import socketserver
 import ssl
 import threading
@@ -209,9 +210,16 @@ class ListenerServer(ThreadedAssociationServer):
 
     source_filter: SourceFilter | None = None
     recorder: GroupRecorder | None = None
+    reuse_port = False
 
     def verify_request(self, request, client_address) -> bool:  # socketserver's hook, before any DICOM
         return self.source_filter is None or self.source_filter(request, client_address)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # several receiver processes on one port: the kernel spreads the connections
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def shutdown(self) -> None:
         socketserver.TCPServer.shutdown(self)
@@ -220,10 +228,16 @@ class ListenerServer(ThreadedAssociationServer):
             self.recorder.close()
 
 
+class SharedPortListenerServer(ListenerServer):
+    """The listener of one of several receiver processes on one port (``node.receivers``)."""
+
+    reuse_port = True
+
+
 def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None,
-              mark: StorageMark | None = None):
+              mark: StorageMark | None = None, shared_port: bool = False):
     """Start listening on ``node.host:node.port`` in a background thread; returns the server
-    (``shutdown()`` stops it)."""
+    (``shutdown()`` stops it). ``shared_port``: one of several receiver processes on that port."""
     ae = make_ae(config)
     try:
         tls = server_tls_context(config)
@@ -239,7 +253,7 @@ def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Ca
              " (DICOM TLS)" if tls else "")
     try:
         server = ae.make_server((config.node.host, config.node.port), ssl_context=tls, evt_handlers=handlers,
-                                server_class=ListenerServer)
+                                server_class=SharedPortListenerServer if shared_port else ListenerServer)
     except OSError as exc:
         recorder.close()
         raise NodeError(f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror or exc}") from exc

@@ -1,4 +1,4 @@
-"""Several nodes on one PostgreSQL store: a receiver and two workers (each its own worker process)
+"""Several nodes on one PostgreSQL store: a receiver and two workers (one with two worker processes)
 share the queue and the spool; every study is analysed once and its results sent once."""
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ def test_a_receiver_and_two_workers_on_one_postgresql_store_analyse_and_send_eac
               "model.key_images=1", "metrics.port=0",
               f"destinations=[{{name: pacs, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}}}]"]
 
-    def node(name: str, role: str) -> Node:
-        cfg = load_config(None, environ={}, overrides=[*shared, f"node.name={name}", f"node.role={role}"])
+    def node(name: str, role: str, *more: str) -> Node:
+        cfg = load_config(None, environ={}, overrides=[*shared, f"node.name={name}", f"node.role={role}", *more])
         return Node(cfg, sweep_seconds=0.2, notify_seconds=0.5, stop_timeout=60)
 
     studies = [generate_study(9700 + i, pe=i % 2 == 0, options=SMALL) for i in range(4)]
-    nodes = [node("rx-1", "receiver"), node("gpu-1", "worker"), node("gpu-2", "worker")]
+    nodes = [node("rx-1", "receiver"), node("gpu-1", "worker"), node("gpu-2", "worker", "worker.processes=2")]
     receiver = nodes[0]
     try:
         assert receiver.worker is None and nodes[1].server is None and nodes[2].server is None
+        assert [len(n.workers) for n in nodes] == [0, 1, 2]
         for i, study in enumerate(studies):
             write_study(study, tmp_path / f"in{i}")
             storescu(receiver.cfg, tmp_path / f"in{i}")
@@ -53,7 +54,7 @@ def test_a_receiver_and_two_workers_on_one_postgresql_store_analyse_and_send_eac
             assert time.monotonic() < deadline, jobs
             time.sleep(0.3)
         beats = {(b["node"], b["component"]) for b in receiver.store.node_heartbeats()}
-        workers = {worker_name(n.worker.pid) for n in nodes[1:] if n.worker is not None}
+        workers = {worker_name(w.pid) for n in nodes[1:] for w in n.workers}
     finally:
         for n in nodes:
             n.stop()

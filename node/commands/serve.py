@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,50 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
                     rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor,
                     triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name, storage_mark=mark)
     worker.run_forever(stop, poll_seconds=0.5)
+
+
+def _receiver_main(config_json: dict, statuses) -> None:
+    """Entry point of an extra receiver process (``node.receivers`` > 1): a listener on the shared port.
+
+    Its C-STORE statuses go to the node's process in counts every half second (``statuses``, a queue),
+    where the Prometheus counter lives, so the counter is right however many processes receive.
+    """
+    from node.config import Config
+    from node.logs import configure_logging
+    from node.scp import start_scp
+    from node.storage_mark import claim_storage
+    from node.store import Store, database_url
+
+    cfg = Config.model_validate(config_json)
+    configure_logging(cfg.logging, role="receiver")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    os.umask(0o077)
+    store = Store(database_url(cfg.storage.root, cfg.store.url))
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def count(status: str) -> None:
+        with lock:
+            counts[status] += 1
+
+    def flush() -> None:
+        with lock:
+            if counts:
+                statuses.put((os.getpid(), dict(counts)))
+                counts.clear()
+
+    server = start_scp(cfg, store, mark=claim_storage(Path(cfg.storage.root), store), on_status=count,
+                       shared_port=True)
+    statuses.put((os.getpid(), "listening"))
+    try:
+        while not stop.wait(0.5):
+            flush()
+    finally:
+        server.shutdown()
+        flush()
+        store.engine.dispose()
 
 
 def _alive(pid: int) -> bool:
@@ -106,14 +151,24 @@ class Node:
         receives, works = self.role in ("all", "receiver"), self.role in ("all", "worker")
         self.sweeper = BackgroundScheduler(timezone="UTC")
         self.server = None
-        if receives:  # the listener, and the sweep that decides when its studies are complete
-            self.server = start_scp(cfg, self.store, mark=self.mark,
-                                    on_status=lambda s: self.metrics.received.labels(s).inc())
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self.received_by_process: Counter[int] = Counter()  # C-STORE answers per receiving process
+        self.receivers: list = []
+        self._pending: list = []
+        if receives:  # the listener(s), and the sweep that decides when their studies are complete
+            shared = cfg.node.receivers > 1
+            self.server = start_scp(cfg, self.store, mark=self.mark, shared_port=shared, on_status=self._count)
+            if shared:
+                self._statuses = self._ctx.Queue()
+                self.receivers = [self._start_receiver() for _ in range(cfg.node.receivers - 1)]
+                self._wait_for_receivers()
+                threading.Thread(target=self._count_statuses, name="petriage-receiver-statuses",
+                                 daemon=True).start()
             assembler = Assembler(self.store, cfg.study, triage=cfg.triage, on_complete=self.metrics.completed.inc)
             self.sweeper.add_job(assembler.sweep, "interval", seconds=sweep_seconds, id="study-sweep",
                                  max_instances=1, coalesce=True)
-        self._ctx = mp.get_context("spawn")
-        self.worker = self._start_worker() if works else None
+        self.workers = [self._start_worker() for _ in range(cfg.worker.processes)] if works else []
         self.notifier = Notifier(self.store, cfg.notify)  # every role: notifications are leased
         self.housekeeper = Housekeeper(self.store, root, cfg.retention, cfg.storage.min_free_mb)
         self.sweeper.add_job(self._housekeep, "interval", minutes=cfg.retention.interval_minutes, id="housekeeping",
@@ -143,6 +198,7 @@ class Node:
         self.store.beat("listener", socket.gethostname(), os.getpid(), utcnow(), {
             "ae_title": self.cfg.node.ae_title, "host": self.cfg.node.host, "port": self.cfg.node.port,
             "tls": self.cfg.node.tls is not None, "worker_pid": self.worker.pid if self.worker else None,
+            "worker_pids": [w.pid for w in self.workers], "receiver_pids": [r.pid for r in self.receivers],
             "role": self.role, "metrics_port": self.cfg.metrics.port}, node=self.cfg.node.name)
 
     def _release_orphans(self) -> None:
@@ -168,6 +224,63 @@ class Node:
         if released:
             log.warning("re-queued job(s) %s held by worker %d", ", ".join(map(str, released)), proc.pid)
 
+    @property
+    def worker(self):
+        """The first worker process (None for a receiver)."""
+        return self.workers[0] if self.workers else None
+
+    def _start_receiver(self):
+        proc = self._ctx.Process(target=_receiver_main, args=(self.cfg.model_dump(mode="json"), self._statuses),
+                                 name="petriage-receiver", daemon=False)
+        proc.start()
+        return proc
+
+    def _wait_for_receivers(self, seconds: float = 120.0) -> None:
+        """Return once every receiver process listens (so the node is whole when it says it serves)."""
+        import queue
+        import time
+
+        waiting = {p.pid for p in self.receivers}
+        deadline = time.monotonic() + seconds
+        while waiting:
+            try:
+                pid, message = self._statuses.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in self.receivers if p.pid in waiting and not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    for proc in self.receivers:  # a node that cannot listen as configured does not start
+                        proc.kill()
+                        proc.join(10)
+                    if self.server is not None:
+                        self.server.shutdown()
+                    if self.metrics_server is not None:
+                        self.metrics_server.shutdown()
+                    raise NodeError(f"receiver process {dead[0].pid} exited with code {dead[0].exitcode} before "
+                                    "it listened (its log says why)" if dead else
+                                    f"receiver processes did not listen within {seconds:.0f} s") from None
+                continue
+            if message == "listening":
+                waiting.discard(pid)
+            else:
+                self._pending.append((pid, message))  # counts that came early
+
+    def _count(self, status: str, n: int = 1, pid: int | None = None) -> None:
+        """One C-STORE status (or ``n``), answered by this process or by receiver process ``pid``."""
+        self.metrics.received.labels(status).inc(n)
+        with self._lock:
+            self.received_by_process[pid or os.getpid()] += n
+
+    def _count_statuses(self) -> None:
+        while True:
+            item = self._pending.pop(0) if self._pending else self._statuses.get()
+            if item is None:
+                return
+            pid, counts = item
+            if counts == "listening":  # a restarted receiver process
+                continue
+            for status, n in counts.items():
+                self._count(status, n, pid)
+
     def _start_worker(self):
         proc = self._ctx.Process(target=_worker_main, args=(self.cfg.model_dump(mode="json"), self.lease_seconds),
                                  name="petriage-worker", daemon=False)
@@ -175,24 +288,40 @@ class Node:
         return proc
 
     def supervise(self) -> None:
-        if self.worker is not None and not self.worker.is_alive():
-            log.error("worker process exited with code %s; starting a new one", self.worker.exitcode)
-            self._release(self.worker)
-            self.worker = self._start_worker()
+        for i, proc in enumerate(self.workers):
+            if not proc.is_alive():
+                log.error("worker process %d exited with code %s; starting a new one", proc.pid, proc.exitcode)
+                self._release(proc)
+                self.workers[i] = self._start_worker()
+        for i, proc in enumerate(self.receivers):
+            if not proc.is_alive():
+                log.error("receiver process %d exited with code %s; starting a new one", proc.pid, proc.exitcode)
+                self.receivers[i] = self._start_receiver()
 
     def stop(self) -> None:
+        for proc in self.receivers:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: it stops listening, its associations end
         if self.server is not None:
             self.server.shutdown()
+        for proc in self.receivers:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        if self.receivers:
+            self._statuses.put(None)
         self.sweeper.shutdown(wait=False)
-        if self.worker is not None:
-            if self.worker.is_alive():
-                self.worker.terminate()  # SIGTERM: the worker finishes its current job, then exits
-                self.worker.join(self.stop_timeout)
-                if self.worker.is_alive():
-                    log.warning("worker did not finish its job in %.0f s; stopping it", self.stop_timeout)
-                    self.worker.kill()
-                    self.worker.join(10)
-            self._release(self.worker)
+        for proc in self.workers:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the worker finishes its current job, then exits
+        for proc in self.workers:
+            proc.join(self.stop_timeout)
+            if proc.is_alive():
+                log.warning("worker %d did not finish its job in %.0f s; stopping it", proc.pid, self.stop_timeout)
+                proc.kill()
+                proc.join(10)
+            self._release(proc)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.store.engine.dispose()
