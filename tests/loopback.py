@@ -44,7 +44,7 @@ class RecordingPacs:
     server: object = None
     port: int = 0
 
-    def start(self, port: int, ssl_context: ssl.SSLContext | None = None) -> RecordingPacs:
+    def start(self, port: int, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> RecordingPacs:
         ae = AE(ae_title=self.ae_title)
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax)
@@ -60,7 +60,7 @@ class RecordingPacs:
             return 0x0000
 
         self.port = port
-        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context,
+        self.server = ae.start_server((host, port), block=False, ssl_context=ssl_context,
                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
         return self
 

@@ -60,8 +60,9 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster(port: int) -> Iterator[PostgresCluster]:
-    """initdb under /tmp (the postgres user must reach it), start on ``port``; stopped and removed after."""
+def throwaway_cluster(port: int, listen: str = "127.0.0.1", trusted: str | None = None) -> Iterator[PostgresCluster]:
+    """initdb under /tmp (the postgres user must reach it), start on ``port``; stopped and removed after.
+    ``listen``: listen_addresses; ``trusted``: a network (CIDR) whose clients are let in too."""
     bindir = postgres_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL (initdb, pg_ctl) is not installed (make test installs it)")
@@ -71,7 +72,10 @@ def throwaway_cluster(port: int) -> Iterator[PostgresCluster]:
     cluster = PostgresCluster(folder, port)
     _as_postgres([str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", cluster.user,
                   "-E", "UTF8", "--no-sync"])
-    options = f"-p {cluster.port} -k {folder} -c listen_addresses=127.0.0.1"
+    if trusted:
+        with (folder / "data" / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {trusted} trust\n")
+    options = f"-p {cluster.port} -k {folder} -c listen_addresses={listen}"
     try:
         cluster.pg_ctl("-o", options, "-w", "start")
         yield cluster
