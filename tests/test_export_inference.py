@@ -97,7 +97,7 @@ def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(traine
     result = Engine(bundle, device="cpu", precision="fp32").analyze(index_series(paths))
     volume = read_volume(paths)
     spec = load_bundle(bundle).spec
-    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
         x = torch.from_numpy(to_float(add_context(preprocess(volume.hu, spec, volume.pixel_spacing_mm), spec.context)))
@@ -126,7 +126,7 @@ def test_thin_slices_are_averaged_into_slabs_of_the_training_spacing_before_the_
     assert all(k.index % 4 == 2 for k in result.key_slices)  # the middle slice of a 4-slice slab
     volume = read_volume(paths)
     slabs = volume.hu.reshape(24, 4, *volume.hu.shape[1:]).mean(axis=1)
-    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))[0]
+    slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
         spec = load_bundle(bundle).spec
