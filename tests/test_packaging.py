@@ -28,6 +28,9 @@ else:
 
 import node
 names = [m.name for m in pkgutil.walk_packages(node.__path__, "node.")]
+# node.migrations holds Alembic's scripts (env.py runs only inside Alembic): imported by the store's
+# migrate() through Alembic, and that path is imported here with node.store.
+names = [n for n in names if n == "node.migrations" or not n.startswith("node.migrations.")]
 for name in names:
     __import__(name)
 assert "torch" not in sys.modules
