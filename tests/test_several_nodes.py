@@ -124,7 +124,7 @@ def test_random_sigkills_of_whole_nodes_on_postgresql_leave_exactly_one_set_of_r
                 kills += 1
                 time.sleep(rng.uniform(0.1, 1.0))
                 procs[k] = _serve(configs[k], tmp_path / f"node{k}.log")
-                next_kill = time.monotonic() + rng.uniform(2.0, 5.0)
+                next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
             time.sleep(rng.uniform(0.2, 1.0))
     finally:
         for p in procs:
