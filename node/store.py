@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -225,6 +226,7 @@ def migrate(engine: Engine, to: str = "head") -> str:
     several nodes starting together wait for one another on an advisory lock.
     """
     config = _alembic_config()
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines ("Context impl ...") at every start
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
