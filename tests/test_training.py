@@ -392,3 +392,33 @@ def test_extra_training_datasets_join_the_training_split_only(tiny_dataset, tmp_
     assert all(cache.study(uid)["count"] == TINY.slices for uid in extra_uids)
     with pytest.raises(TrainingError, match="already read"):
         _prepare(None, tmp_path / "twice", [*common, f"data.train_extra=[{tiny_dataset}]"])
+
+
+def test_compare_bundles_calls_a_change_better_only_when_the_paired_interval_is_above_zero(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    labels = np.arange(80) < 40
+    noisy = labels + rng.normal(0, 1.2, 80)  # AUC about 0.7
+    clean = labels + rng.normal(0, 0.3, 80)  # AUC about 0.99
+
+    def results(name: str, scores: np.ndarray) -> Path:
+        rows = [{"study_instance_uid": f"1.2.{k}", "pe": bool(labels[k]), "probability": float(scores[k])}
+                for k in range(80)]
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"tests": [{"test": "seg", "rows": rows}]}))
+        return path
+
+    def compare(old: Path, new: Path, *extra: str) -> str:
+        proc = subprocess.run([sys.executable, str(root / "scripts" / "compare_bundles.py"), str(old), str(new),
+                               "--test", "seg", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    old, new, same = results("old", noisy), results("new", clean), results("same", noisy)
+    assert "better" in compare(old, new, "--out", str(tmp_path / "roc.png")) and (tmp_path / "roc.png").is_file()
+    assert "worse" in compare(new, old)
+    assert "difference +0.000" in compare(old, same) and "not shown different" in compare(old, same)
