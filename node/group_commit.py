@@ -26,7 +26,7 @@ class GroupRecorder:
     def __init__(self, store: Store, max_batch: int = 64):
         self.store, self.max_batch = store, max_batch
         self._queue: queue.SimpleQueue[tuple[Received, Future] | None] = queue.SimpleQueue()
-        self.batches = 0  # transactions committed (for the benchmark and the tests)
+        self.batches = 0  # transactions committed, and the rows in them (what group commit saved)
         self.rows = 0
         self._thread = threading.Thread(target=self._run, name="petriage-group-commit", daemon=True)
         self._thread.start()

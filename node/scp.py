@@ -210,16 +210,9 @@ class ListenerServer(ThreadedAssociationServer):
 
     source_filter: SourceFilter | None = None
     recorder: GroupRecorder | None = None
-    reuse_port = False
 
     def verify_request(self, request, client_address) -> bool:  # socketserver's hook, before any DICOM
         return self.source_filter is None or self.source_filter(request, client_address)
-
-    def server_bind(self) -> None:
-        if self.reuse_port:  # several receiver processes on one port: the kernel spreads the connections
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def shutdown(self) -> None:
         socketserver.TCPServer.shutdown(self)
@@ -231,7 +224,10 @@ class ListenerServer(ThreadedAssociationServer):
 class SharedPortListenerServer(ListenerServer):
     """The listener of one of several receiver processes on one port (``node.receivers``)."""
 
-    reuse_port = True
+    def server_bind(self) -> None:  # every socket on the port sets it: the kernel spreads the connections
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None,

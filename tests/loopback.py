@@ -4,7 +4,11 @@ a library no one here wrote) and a webhook receiver (http.server)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -187,3 +191,19 @@ def start_listener(root: Path, *overrides: str, fsync: bool = True):
     root.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(root))
     return cfg, store, start_scp(cfg, store, fsync=fsync)
+
+
+def accepts(host: str, port: int) -> bool:
+    """Something listens on host:port (a TCP connection is accepted)."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def stop_process_groups(procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    """SIGTERM each node started in its own session (the whole group: listener, workers), then wait."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout)

@@ -10,8 +10,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import pytest
 from pgcluster import postgres_bindir, throwaway_cluster
 
 from conftest import SMALL, free_port, require_peer, require_tool
-from loopback import RecordingPacs, write_config
+from loopback import RecordingPacs, accepts, stop_process_groups, write_config
 from node.phantom import generate_study, write_study
 from node.store import FINAL_STATES, JobState, Store
 
@@ -77,12 +75,6 @@ def _serve(ns: str, config: Path, role: str, log: Path) -> subprocess.Popen:
                                 start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def _accepts(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-        return True
-    return False
-
-
 def test_a_receiver_and_a_worker_on_two_network_hosts_share_the_queue_and_send_each_result_once(tmp_path):
     why = _netns_works()
     if why is not None:
@@ -109,10 +101,10 @@ def test_a_receiver_and_a_worker_on_two_network_hosts_share_the_queue_and_send_e
         store = Store(url)
         try:
             deadline = time.monotonic() + 60
-            while not _accepts(rx_ip, port):
+            while not accepts(rx_ip, port):
                 assert time.monotonic() < deadline, (tmp_path / "rx.log").read_text()[-2000:]
                 time.sleep(0.2)
-            assert not _accepts("127.0.0.1", port)  # the receiver listens on its own host only
+            assert not accepts("127.0.0.1", port)  # the receiver listens on its own host only
             studies = [generate_study(9900 + i, pe=i % 2 == 0, options=SMALL) for i in range(3)]
             for i, study in enumerate(studies):
                 write_study(study, tmp_path / "in" / str(i))
@@ -128,11 +120,7 @@ def test_a_receiver_and_a_worker_on_two_network_hosts_share_the_queue_and_send_e
                 time.sleep(0.3)
             beats = {(b["node"], b["component"]) for b in store.node_heartbeats()}
         finally:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                p.wait(60)
+            stop_process_groups(procs)
             pacs.stop()
             store.engine.dispose()
     for uid in uids:

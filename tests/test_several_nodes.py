@@ -3,18 +3,16 @@ share the queue and the spool; every study is analysed once and its results sent
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from conftest import SMALL, free_port
-from loopback import RecordingPacs, storescu, write_config
+from loopback import RecordingPacs, accepts, stop_process_groups, storescu, write_config
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import generate_study, write_study
@@ -97,7 +95,7 @@ def test_random_sigkills_of_whole_nodes_on_postgresql_leave_exactly_one_set_of_r
     kills = 0
     try:
         for _ in range(100):  # both listening
-            if all(_accepts(c.node.port) for c in cfgs):
+            if all(accepts("127.0.0.1", c.node.port) for c in cfgs):
                 break
             time.sleep(0.2)
         for i, study in enumerate(studies):  # half to each node, one association each
@@ -127,11 +125,7 @@ def test_random_sigkills_of_whole_nodes_on_postgresql_leave_exactly_one_set_of_r
                 next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
             time.sleep(rng.uniform(0.2, 1.0))
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait(60)
+        stop_process_groups(procs)
         pacs.stop()
     assert kills == 6
     for uid in uids:
@@ -140,11 +134,3 @@ def test_random_sigkills_of_whole_nodes_on_postgresql_leave_exactly_one_set_of_r
         srs = {s.sop_instance_uid for s in pacs.of_study(uid) if s.modality == "SR"}
         assert len(srs) == 1, (uid, srs)  # one set of results: a resend after a kill repeats the same objects
         assert len({s.sop_instance_uid for s in pacs.of_study(uid)}) == 3  # SR, 1 key image, summary
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False

@@ -85,7 +85,9 @@ def state_from_onnx(path: Path, model: SliceNet) -> dict[str, torch.Tensor]:
         channels = weight.shape[0]
         state[f"{bn}.weight"] = torch.ones(channels)
         state[f"{bn}.bias"] = torch.from_numpy(values[node.input[2]].copy())
-        eps = next(m for name, m in model.named_modules() if name == bn).eps
+        norm = model.get_submodule(bn)
+        assert isinstance(norm, nn.BatchNorm2d)
+        eps = norm.eps
         state[f"{bn}.running_mean"] = torch.zeros(channels)
         state[f"{bn}.running_var"] = torch.full((channels,), 1.0 - eps)  # (z - 0) / sqrt(1 - eps + eps) = z
         state[f"{bn}.num_batches_tracked"] = torch.tensor(0)
