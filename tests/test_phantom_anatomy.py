@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL
 from node.phantom import HU_RANGE, PhantomOptions, Structure, generate_study
 from node.phantom.anatomy import build_anatomy
-from node.phantom.render import render
+from node.phantom.render import VISIBLE_SHARE, render
 from node.phantom.spec import UNENHANCED_BLOOD_HU
 
 MEDIUM = PhantomOptions(matrix=192, slices=100, slice_spacing_mm=3.0)
@@ -67,9 +67,12 @@ def test_slice_and_study_labels_follow_the_mask(positive_study, negative_study):
     assert not negative_study.image.mask.any() and negative_study.emboli == []
 
 
-def test_the_mask_is_the_embolus_label(positive_study):
-    np.testing.assert_array_equal(positive_study.image.mask,
-                                  positive_study.image.labels == Structure.EMBOLUS)
+def test_the_mask_is_the_embolus_label_where_the_image_shows_the_clot(positive_study):
+    image = positive_study.image
+    label = image.labels == Structure.EMBOLUS
+    assert np.all(label[image.mask])
+    np.testing.assert_array_equal(image.mask, label & (image.shown >= VISIBLE_SHARE))
+    assert image.mask.sum() >= 0.9 * label.sum()  # a classic study's clots sit in arteries it shows well
 
 
 def test_emboli_come_at_every_level_with_sizes_between_2_and_20_mm():

@@ -49,9 +49,33 @@ class Rendered:
 
     hu: np.ndarray  # (slices, rows, columns) float32
     labels: np.ndarray  # uint8 Structure codes
-    mask: np.ndarray  # bool, True inside an embolus
-    emboli_voxels: list[int]  # mask voxels each embolus contributed (0: too small for this grid)
+    mask: np.ndarray  # bool, True inside an embolus that the image shows (VISIBLE_SHARE)
+    emboli_voxels: list[int]  # mask voxels each embolus contributed (0: too small or not shown on this grid)
     emboli_slices: list[list[int]]  # slice indices where each embolus has mask voxels
+    # Per voxel: how much of its clot's full darkening the noise-free image shows (0-1), and which
+    # embolus (index + 1, 0: none) covers it at least half.
+    shown: np.ndarray | None = None
+    owner: np.ndarray | None = None
+
+
+# A voxel is embolus in the mask when it is at least half inside the clot (EMBOLUS_SHARE of the slice's
+# sub-slices in a thick slice) and the noise-free image shows at least this share of the clot's full
+# darkening there: (lumen HU - voxel HU after the clot) / (lumen HU - clot HU). A small artery averaged
+# with the lung around it (thin vessel, thick slice) keeps a mask voxel by volume while the image
+# shows nothing there; such voxels taught stage 1 to call blank lung a clot.
+VISIBLE_SHARE = 0.4
+EMBOLUS_SHARE = 0.4
+
+
+def shown_mask(inside: np.ndarray, shown: np.ndarray, owner: np.ndarray, n_emboli: int
+               ) -> tuple[np.ndarray, list[int], list[list[int]]]:
+    """The mask the image shows, and each embolus's voxels and slices in it."""
+    mask = inside & (shown >= VISIBLE_SHARE)
+    mine = owner * mask
+    voxels = [int(v) for v in np.bincount(mine.ravel(), minlength=n_emboli + 1)[1:n_emboli + 1]]
+    slices = [[int(k) for k in np.nonzero((mine == i + 1).any(axis=(1, 2)))[0]] if voxels[i] else []
+              for i in range(n_emboli)]
+    return mask, voxels, slices
 
 
 def _index_range(coords: np.ndarray, lo: float, hi: float) -> slice:
@@ -142,13 +166,15 @@ def embolus_axis(emb: Embolus, tube: Tube) -> tuple[np.ndarray, np.ndarray]:
     return pts, np.interp(ss, arc, tube.radii)
 
 
-def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray,
-                   contrast: bool) -> tuple[int, list[int]]:
+def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray, shown: np.ndarray, owner: np.ndarray,
+                   index: int, contrast: bool) -> None:
+    """Paint one clot; mark the voxels it fills at least half (``mask``, ``owner``) and the share of its
+    full darkening each voxel shows (``shown``)."""
     pts, radii = embolus_axis(emb, tube)
     reach = float(radii.max()) * 1.1 + p.h
     box = _box(p.grid, pts.min(axis=0) - reach, pts.max(axis=0) + reach)
     if box is None:
-        return 0, []
+        return
     region, x, y, z = box
     lumen = _lumen_fraction(tube, x, y, z, p.h)
     shape = np.zeros_like(lumen)
@@ -172,11 +198,15 @@ def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray,
         np.maximum(shape, fi, out=shape)
     f = np.minimum(shape, lumen)
     hu = emb.hu if contrast else UNENHANCED_BLOOD_HU
+    before = p.hu[region].copy()
     p.blend(region, f, hu, Structure.EMBOLUS if contrast else Structure.PULMONARY_ARTERY)
+    full_lumen = lumen >= 0.99  # the artery's own lumen HU, where a voxel lies wholly inside it
+    lumen_hu = float(before[full_lumen].mean()) if full_lumen.any() else float(before[lumen >= 0.5].max(initial=hu))
+    share = (before - p.hu[region]) / max(lumen_hu - hu, 1.0)
+    np.maximum(shown[region], share, out=shown[region])
     inside = f >= 0.5
     mask[region] |= inside
-    slices = np.nonzero(inside.any(axis=(1, 2)))[0] + region[0].start
-    return int(inside.sum()), [int(k) for k in slices]
+    owner[region][inside] = index + 1
 
 
 def _blob_shape(shape: np.ndarray, emb: Embolus, pts: np.ndarray, radii: np.ndarray, x, y, z, h: float) -> None:
@@ -529,8 +559,11 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
             p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU)
     for t in sorted((t for t in tubes if t.structure == Structure.PULMONARY_ARTERY), key=lambda t: -t.level):
         p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU, soft=True)
-    mask = np.zeros(grid.shape, dtype=bool)
-    drawn = [_paint_embolus(p, e, anatomy.artery(e.artery), mask, contrast) for e in anatomy.emboli]
+    inside = np.zeros(grid.shape, dtype=bool)
+    shown = np.zeros(grid.shape, dtype=np.float32)
+    owner = np.zeros(grid.shape, dtype=np.uint8)
+    for i, e in enumerate(anatomy.emboli):
+        _paint_embolus(p, e, anatomy.artery(e.artery), inside, shown, owner, i, contrast)
     _paint_mixing(p, anatomy, contrast)
     if contrast:
         _paint_streaks(p, anatomy)
@@ -540,5 +573,6 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
         _reconstruction(p, anatomy)
     np.clip(p.hu, -1024.0, 3071.0, out=p.hu)
     if not contrast:
-        mask[:] = False
-    return Rendered(p.hu, p.labels, mask, [n for n, _ in drawn], [ks for _, ks in drawn])
+        inside[:] = False
+    mask, voxels, slices = shown_mask(inside, shown, owner, len(anatomy.emboli))
+    return Rendered(p.hu, p.labels, mask, voxels, slices, shown, owner)

@@ -9,7 +9,7 @@ import numpy as np
 
 from node.errors import PhantomError
 from node.phantom.anatomy import Anatomy, build_anatomy
-from node.phantom.render import Grid, Rendered, add_noise, reconstruct, render
+from node.phantom.render import EMBOLUS_SHARE, Grid, Rendered, add_noise, reconstruct, render, shown_mask
 from node.phantom.spec import CLASSIC_LEVELS, EMBOLUS_LEVELS, Structure
 from node.phantom.styles import STYLES, Variation, draw_variation
 from node.phantom.writer import (
@@ -236,13 +236,13 @@ def _render_thick(anatomy: Anatomy, grid: Grid, thickness_mm: float, *, noise: b
     w = np.clip(hi - lo, 0.0, None)
     w /= w.sum(axis=1, keepdims=True)
     hu = np.tensordot(w.astype(np.float32), fine.hu, axes=1)
-    frac = np.tensordot(w.astype(np.float32), fine.mask.astype(np.float32), axes=1)
-    mask = frac >= 0.4
+    inside = fine.owner > 0  # voxels at least half inside a clot, shown or not
+    frac = np.tensordot(w.astype(np.float32), inside.astype(np.float32), axes=1)
+    shown = np.tensordot(w.astype(np.float32), fine.shown, axes=1)
     labels = fine.labels[np.argmax(w, axis=1)]
-    slices = [sorted({int(i) for i in np.nonzero(w[:, ks].sum(axis=1) > 0)[0] if mask[i].any()}) if ks else []
-              for ks in fine.emboli_slices]
-    voxels = [n if ks else 0 for n, ks in zip(fine.emboli_voxels, slices, strict=True)]
-    out = Rendered(hu.astype(np.float32), labels, mask, voxels, slices)
+    owner = np.stack([fine.owner[w[i] > 0].max(axis=0) for i in range(len(w))])  # a clot in any sub-slice
+    mask, voxels, slices = shown_mask(frac >= EMBOLUS_SHARE, shown, owner, len(anatomy.emboli))
+    out = Rendered(hu.astype(np.float32), labels, mask, voxels, slices, shown, owner)
     if noise:  # noise of the reconstructed slice, not averaged away with the sub-slices
         add_noise(out.hu, anatomy, grid)
     reconstruct(out.hu, anatomy, grid)
