@@ -4,10 +4,11 @@
         --test in-distribution=data/varied:runs/demo/splits.json \\
         --test shifted=data/shifted --out var/check-bundle
 
-Each ``--test NAME=DATASET[:SPLITS]`` is a folder in the RSNA-STR PE layout written by ``petriage
+Each ``--test NAME=DATASET[:SPLITS[@SPLIT]]`` is a folder in the RSNA-STR PE layout written by ``petriage
 phantom`` (``train.csv``, ``train/``, ``masks/``, ``phantom.json``); with ``:SPLITS`` (a training run's
 ``splits.json``) only that run's ``test`` split is used, so the in-distribution test holds studies
-the model was not trained or tuned on. Every study is analysed from its DICOM files by
+the model was not trained or tuned on; ``@val`` takes the validation split instead, to compare two
+bundles where choosing is allowed. Every study is analysed from its DICOM files by
 ``node.inference.Engine`` exactly as ``petriage analyze`` would. Per test it reports:
 
 - study AUC with a 95 % bootstrap interval; sensitivity and specificity at the bundle's operating
@@ -67,10 +68,10 @@ def proportion(k: int, n: int) -> dict:
     return {"value": k / n if n else None, "k": k, "n": n, "ci95": [lo, hi]}
 
 
-def _studies(dataset: Path, splits: Path | None) -> list[dict]:
+def _studies(dataset: Path, splits: Path | None, split: str = "test") -> list[dict]:
     truth = json.loads((dataset / "phantom.json").read_text())["studies"]
     if splits is not None:
-        keep = set(json.loads(splits.read_text())["test"])
+        keep = set(json.loads(splits.read_text())[split])
         truth = [t for t in truth if t["study_instance_uid"] in keep]
     return truth
 
@@ -113,8 +114,8 @@ def _pointing(result, index, masks: dict[str, np.ndarray], slab: int, tolerance_
 
 
 def run_test(engine: Engine, name: str, dataset: Path, splits: Path | None, out: Path,
-             tolerance_mm: float = 10.0) -> dict:
-    truth = _studies(dataset, splits)
+             tolerance_mm: float = 10.0, split: str = "test") -> dict:
+    truth = _studies(dataset, splits, split)
     rows, tiles = [], []
     for i, t in enumerate(truth, 1):
         uid = t["study_instance_uid"]
@@ -150,7 +151,7 @@ def run_test(engine: Engine, name: str, dataset: Path, splits: Path | None, out:
     decided = np.array([r["positive"] for r in rows])
     pos = [r for r in rows if r["pe"]]
     report = {
-        "test": name, "dataset": str(dataset), "split": "test" if splits else "all",
+        "test": name, "dataset": str(dataset), "split": split if splits else "all",
         "studies": {"positive": int(labels.sum()), "negative": int(len(labels) - labels.sum())},
         "auc": auc(labels, scores), "auc_ci95": bootstrap_auc(labels, scores),
         "threshold": float(engine.bundle.manifest.operating_point(None).threshold),
@@ -242,23 +243,25 @@ def main() -> int:
     engine = Engine(args.bundle, device="cpu", precision=args.precision, threads=2)
     print(f"bundle {args.bundle}: {engine.describe()}")
     args.out.mkdir(parents=True, exist_ok=True)
-    tests: list[tuple[str, Path, Path | None]] = []
+    tests: list[tuple[str, Path, Path | None, str]] = []
     scratch = None
     for spec in args.test:
         name, _, where = spec.partition("=")
         dataset, _, splits = where.partition(":")
-        if not name or not Path(dataset, "phantom.json").is_file():
-            print(f"--test {spec}: expected NAME=DATASET[:SPLITS] with DATASET/phantom.json", file=sys.stderr)
+        splits, _, split = splits.partition("@")
+        if not name or not Path(dataset, "phantom.json").is_file() or split not in ("", "train", "val", "test"):
+            print(f"--test {spec}: expected NAME=DATASET[:SPLITS[@train|val|test]] with DATASET/phantom.json",
+                  file=sys.stderr)
             return 2
-        tests.append((name, Path(dataset), Path(splits) if splits else None))
+        tests.append((name, Path(dataset), Path(splits) if splits else None, split or "test"))
     if not tests:
         from node.phantom import PhantomOptions
 
         scratch = Path(tempfile.mkdtemp(prefix="check-bundle-"))
         write_rsna_dataset(scratch, studies=args.studies, seed=args.seed, options=PhantomOptions(style=args.style),
                            annotated_fraction=1.0, annotated_slice_fraction=1.0)
-        tests.append((f"fresh-{args.style}", scratch, None))
-    reports = [run_test(engine, name, dataset, splits, args.out) for name, dataset, splits in tests]
+        tests.append((f"fresh-{args.style}", scratch, None, "test"))
+    reports = [run_test(engine, name, dataset, splits, args.out, split=split) for name, dataset, splits, split in tests]
     if scratch is not None:
         shutil.rmtree(scratch)
     for r in reports:

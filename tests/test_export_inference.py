@@ -334,6 +334,28 @@ def test_check_bundle_reports_a_named_test_with_intervals_levels_and_pointing(tm
     assert bad.returncode == 2 and "NAME=DATASET" in bad.stderr
 
 
+def test_check_bundle_runs_the_validation_split_when_asked(tmp_path):
+    data = tmp_path / "varied"
+    write_rsna_dataset(data, studies=4, positive_fraction=0.5, seed=13,
+                       options=PhantomOptions(style="varied", matrix_cap=96), annotated_fraction=0.0)
+    studies = json.loads((data / "phantom.json").read_text())["studies"]
+    one_each = [next(s for s in studies if s["pe_present"] == pe)["study_instance_uid"] for pe in (True, False)]
+    rest = [s["study_instance_uid"] for s in studies if s["study_instance_uid"] not in one_each]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": [], "val": one_each, "test": rest}))
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bundle.py"), "--bundle", str(DEMO),
+                           "--test", f"val={data}:{splits}@val", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "results.json").read_text())["tests"][0]
+    assert report["split"] == "val" and report["studies"] == {"positive": 1, "negative": 1}
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bundle.py"), "--bundle", str(DEMO),
+                          "--test", f"val={data}:{splits}@validation"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode == 2 and "@train|val|test" in bad.stderr
+
+
 def _bundle_outputs(bundle: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
     session = ort.InferenceSession(str(bundle / "stage1.onnx"), providers=["CPUExecutionProvider"])
