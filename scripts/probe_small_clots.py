@@ -1,0 +1,181 @@
+"""Can a stage-1 network learn small (segmental) clots at all? A crop probe, for choosing the input.
+
+Trains one stage-1 architecture from scratch for a fixed number of steps on 64-px crops of the
+training split's cache: half centred (with jitter) on small clots (``small_clot_spots``), half the
+recipe's negatives (beside the clot, bright vessels of PE-negative slabs), with the recipe's
+augmentation and losses. Every ``--every`` steps it scores a fixed set of crops of another cache
+(the segmental validation set: clots only in segmental and subsegmental arteries, every slice masked;
+its negatives cropped from PE-negative studies where the clots lie, so a crop's place says nothing)
+and prints the crop AUC and how often the CAM's peak cell holds the clot.
+
+Two architectures are compared at equal steps (run them side by side, one thread each):
+
+- ``current``: the recipe's SliceNet (7x7 stride-2 stem and max pool: 6 mm cells before block 1);
+- ``fine``: the same plus a branch at the input's own pixels (a 3x3 convolution at 1.5 mm, two at
+  3 mm, a strided one to the stem's 6 mm grid) added to the stem's output, its last batch norm
+  starting at zero (``FineBranch`` below; measured, no gain, so not in training/models.py).
+
+``--set`` passes config overrides (``preprocess.context=1``: neighbouring slabs; ``stage1.augmentation=
+flip-shift``: no intensity augmentation).
+
+    python scripts/probe_small_clots.py --arch fine --steps 1500 --out runs/probe/fine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node.preprocess import to_float  # noqa: E402
+from training.config import load_train_config  # noqa: E402
+from training.crops import MASK_ON, CropPlan, crop_batch, small_clot_spots  # noqa: E402
+from training.data import open_cache, with_context  # noqa: E402
+from training.engine import _rows, _step_loss, build_slice_net  # noqa: E402
+from training.metrics import roc_auc  # noqa: E402
+
+
+class FineBranch(torch.nn.Module):
+    """Convolutions at the input's own pixels, added to the stem's 6 mm output (the ``fine`` probe)."""
+
+    def __init__(self, stem: torch.nn.Module, cin: int, width: int):
+        super().__init__()
+        nn = torch.nn
+        self.stem = stem
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, width // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width))
+        nn.init.zeros_(self.net[-1].weight)  # the branch starts silent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.stem(x) + self.net(x))
+
+
+def placed_negative_crops(cache, spots: np.ndarray, negative_studies: list[dict], n: int, size: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """n crops of PE-negative studies placed where small clots lie: a clot pixel's row, y and x are
+    taken to a random PE-negative study at the same relative height and cropped with the clot crops'
+    jitter, so a crop's place in the chest (lung periphery, near the hilum) says nothing."""
+    full = cache.images.shape[-1]
+    half = size // 2 - max(2, size // 12)
+    where = {}
+    for st in cache.studies:
+        for k in range(st["count"]):
+            where[st["start"] + k] = (k + 0.5) / st["count"]
+    out = np.zeros((n, cache.images.shape[1], size, size), np.uint8)
+    for i in range(n):
+        row, y, x = (int(v) for v in spots[int(rng.integers(len(spots)))])
+        st = negative_studies[int(rng.integers(len(negative_studies)))]
+        other = st["start"] + min(int(where[row] * st["count"]), st["count"] - 1)
+        cy, cx = (int(v) for v in np.array([y, x]) + rng.integers(-half, half + 1, 2))
+        y0, x0 = (int(min(max(v - size // 2, 0), full - size)) for v in (cy, cx))
+        out[i] = cache.images[other][:, y0:y0 + size, x0:x0 + size]
+    return out
+
+
+def batch_of(cache, annotated, masks, neg, small, negative_studies, n: int, size: int, rng: np.random.Generator):
+    """Half small-clot crops, half crops of PE-negative studies at the same places."""
+    plan = CropPlan(size, embolus=1.0, beside=0.0, small=1.0)
+    px, pm, py = crop_batch(cache.images, cache.masks, annotated, masks, neg, n // 2, plan, rng, small_spots=small)
+    nx = placed_negative_crops(cache, small, negative_studies, n - n // 2, size, rng)
+    x = np.concatenate([px, nx])
+    m = np.concatenate([pm, np.zeros((len(nx), size, size), np.uint8)])
+    return x, m, np.concatenate([py, np.zeros(len(nx), np.float32)])
+
+
+def rows_of(cache, uids: set[str]):
+    pos, neg, masks = _rows(cache, uids)
+    pos_set = set(pos.tolist())
+    annotated = np.array(sorted(r for r in masks if r in pos_set), dtype=np.int64)
+    negative_studies = [st for st in cache.studies if st["study_instance_uid"] in uids and not st["label"]]
+    return annotated, masks, neg, small_clot_spots(cache.masks, annotated, masks), negative_studies
+
+
+def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
+    model.eval()
+    logits, hits = [], []
+    with torch.no_grad():
+        for lo in range(0, len(x), 128):
+            logit, _, cam = model(torch.from_numpy(to_float(x[lo:lo + 128])))
+            logits.append(logit.numpy())
+            h, w = cam.shape[-2:]
+            on = torch.nn.functional.adaptive_max_pool2d(
+                torch.from_numpy((m[lo:lo + 128] >= MASK_ON).astype(np.float32))[:, None], (h, w))[:, 0]
+            peak = cam.flatten(1).argmax(1)
+            hits.append(on.flatten(1)[torch.arange(len(peak)), peak].numpy())
+    model.train()
+    s, hit = np.concatenate(logits), np.concatenate(hits)
+    return {"auc": roc_auc(y, s), "peak_on_clot": float(hit[y == 1].mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=["current", "fine"], required=True)
+    ap.add_argument("--config", type=Path, default=Path("training/configs/varied.yaml"))
+    ap.add_argument("--splits", type=Path, default=Path("runs/v7/splits.json"))
+    ap.add_argument("--train-cache", type=Path, required=True)
+    ap.add_argument("--val-cache", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--every", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override, e.g. preprocess.context=1 or stage1.augmentation=flip-shift")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = load_train_config(a.config, a.overrides)
+    s = cfg.stage1
+    context = cfg.preprocess.context
+    train, val = with_context(open_cache(a.train_cache), context), with_context(open_cache(a.val_cache), context)
+    splits = json.loads(a.splits.read_text())
+    rng = np.random.default_rng(0)
+    vx, vm, vy = batch_of(val, *rows_of(val, {st["study_instance_uid"] for st in val.studies}), 2000, a.size,
+                          np.random.default_rng(1))
+    annotated, masks, neg, small, negative_studies = rows_of(train, set(splits["train"]))
+    plan = CropPlan(a.size, embolus=0.5, beside=0.15, small=1.0)
+    model = build_slice_net(cfg)
+    if a.arch == "fine":
+        model.stem = FineBranch(model.stem, cfg.preprocess.spec().channels, s.width)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=a.steps, pct_start=0.15)
+    windows = cfg.preprocess.channel_windows()
+    print(f"{a.arch}: {sum(p.numel() for p in model.parameters())} parameters; train small-clot pixels "
+          f"{len(small)}; val crops {int(vy.sum())} with clot / {len(vy)}", flush=True)
+    curve, t0 = [], time.time()
+    for step in range(1, a.steps + 1):
+        if step % 2:  # the recipe's crop mix with small clots, then small clots against small vessels
+            x, m, y = crop_batch(train.images, train.masks, annotated, masks, neg, a.batch, plan, rng,
+                                 small_spots=small)
+        else:
+            x, m, y = batch_of(train, annotated, masks, neg, small, negative_studies, a.batch, a.size, rng)
+        has = np.ones(len(y), dtype=bool)
+        bce, att = _step_loss(model, s, x, m, y, has, rng, windows, torch.device("cpu"),
+                              torch.autocast("cpu", enabled=False))
+        loss = bce + s.attention_weight * att
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        sched.step()
+        if step % a.every == 0 or step == a.steps:
+            row = {"step": step, "seconds": round(time.time() - t0), "bce": float(bce.detach()),
+                   "att": float(att.detach()), **evaluate(model, vx, vm, vy)}
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+            a.out.write_text(json.dumps({"arch": a.arch, "overrides": a.overrides, "curve": curve}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
