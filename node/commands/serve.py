@@ -346,9 +346,10 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     node = Node(cfg, stop_timeout=stop_timeout)
-    log.warning("petriage serving (role %s) as %s on %s:%d (storage %s, %d destination(s)) - AI triage aid, "
-                "not for diagnostic use", cfg.node.role, cfg.node.ae_title, cfg.node.host, cfg.node.port,
-                cfg.storage.root, len(cfg.destinations))
+    listens = f" on {cfg.node.host}:{cfg.node.port}" if cfg.node.role != "worker" else " (no listener)"
+    log.warning("petriage serving %s (role %s) as %s%s (storage %s, %d destination(s)) - AI triage aid, "
+                "not for diagnostic use", cfg.node.name or socket.gethostname(), cfg.node.role, cfg.node.ae_title,
+                listens, cfg.storage.root, len(cfg.destinations))
     try:
         while not stopping.wait(1.0):
             node.supervise()
