@@ -84,7 +84,8 @@ def _job(store: Store, job_id: int) -> dict:
     return dict(row._mapping)
 
 
-def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, kind: str, detail: str) -> dict:
+def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, kind: str, detail: str,
+            by: str | None = None) -> dict:
     job = _job(store, job_id)
     now = utcnow()
     with store.engine.begin() as conn:
@@ -94,11 +95,11 @@ def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, k
             current = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar_one()
             raise AdminError(f"job {job_id} is {current}; this works on {', '.join(allowed)} jobs")
         conn.execute(insert(events).values(at=now, study_instance_uid=job["study_instance_uid"], kind=kind,
-                                           detail=f"job {job_id}: {detail} by {operator()}"))
+                                           detail=f"job {job_id}: {detail} by {by or operator()}"))
     return _job(store, job_id)
 
 
-def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
+def retry(store: Store, job_id: int, *, force: bool = False, by: str | None = None) -> dict:
     """A failed, skipped or cancelled job (or, with ``force``, a done one) runs again; a job waiting to
     re-send (sending) is sent now instead of at its next backoff time.
 
@@ -108,7 +109,7 @@ def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
     job = _job(store, job_id)
     if job["state"] == JobState.SENDING:
         return _change(store, job_id, (JobState.SENDING,), {"next_attempt_at": utcnow()}, "admin-retry",
-                       "sending now")
+                       "sending now", by)
     allowed = (JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED) + ((JobState.DONE,) if force else ())
     if job["state"] == JobState.DONE and not force:
         raise AdminError(f"job {job_id} is done; --force analyses it again")
@@ -120,23 +121,24 @@ def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
         values = {"state": JobState.QUEUED, "reason": "retry requested: analysing again", "outbox": None,
                   "delivered": "[]", "send_attempts": 0, "next_attempt_at": None, "lease_owner": None,
                   "lease_expires_at": None, "result": None}
-    return _change(store, job_id, allowed, values, "admin-retry", "sending again" if resend else "analysing again")
+    return _change(store, job_id, allowed, values, "admin-retry", "sending again" if resend else "analysing again",
+                   by)
 
 
-def cancel(store: Store, job_id: int) -> dict:
+def cancel(store: Store, job_id: int, *, by: str | None = None) -> dict:
     """A queued, running or sending job stops (a running worker's outcome is then discarded)."""
     return _change(store, job_id, (JobState.QUEUED, JobState.RUNNING, JobState.SENDING),
-                   {"state": JobState.CANCELLED, "reason": f"cancelled by {operator()}", "lease_owner": None,
-                    "lease_expires_at": None}, "admin-cancel", "cancelled")
+                   {"state": JobState.CANCELLED, "reason": f"cancelled by {by or operator()}", "lease_owner": None,
+                    "lease_expires_at": None}, "admin-cancel", "cancelled", by)
 
 
-def set_priority(store: Store, job_id: int, priority: int) -> dict:
+def set_priority(store: Store, job_id: int, priority: int, *, by: str | None = None) -> dict:
     job = _job(store, job_id)
     return _change(store, job_id, tuple(JobState), {"priority": priority}, "admin-priority",
-                   f"priority {job['priority']} -> {priority}")
+                   f"priority {job['priority']} -> {priority}", by)
 
 
-def requeue(store: Store, state: JobState = JobState.FAILED) -> list[int]:
+def requeue(store: Store, state: JobState = JobState.FAILED, *, by: str | None = None) -> list[int]:
     """``retry`` every job in ``state`` (failed: run again; sending: send now)."""
     with store.engine.connect() as conn:
         ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.state == state)
@@ -144,7 +146,7 @@ def requeue(store: Store, state: JobState = JobState.FAILED) -> list[int]:
     done = []
     for job_id in ids:
         try:
-            retry(store, job_id)
+            retry(store, job_id, by=by)
             done.append(job_id)
         except AdminError:  # changed state meanwhile (a worker or another admin)
             continue
