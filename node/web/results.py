@@ -17,6 +17,7 @@ from pydicom.uid import UID
 
 from node.web.errors import WebError
 
+SKIP = {"Language of Content Item and Descendants", "Observer Type"}
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
 
 
@@ -93,4 +94,11 @@ def sr_finding(outbox: str | None, sop_instance_uid: str | None) -> dict | None:
                 walk(item.ContentSequence)
 
     walk(ds.get("ContentSequence", []))
+    seen: set[tuple[str, str]] = set()
+    items = []
+    for name, value in found["items"]:  # each measurement group repeats the algorithm: once is enough
+        if (name, value) not in seen and name not in SKIP:
+            seen.add((name, value))
+            items.append((name, value))
+    found["items"] = items
     return found
