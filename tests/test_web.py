@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,20 +53,10 @@ def _send(folder: Path, port: int) -> None:
                     str(folder)], check=True, timeout=120, capture_output=True)
 
 
-def serve_console(cfg: Config, store: Store) -> tuple[str, object, threading.Thread]:
-    import uvicorn
+def serve_console(cfg: Config, store: Store):
+    from node.web.server import start_console
 
-    from node.web.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg, store), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start"
-    return f"http://127.0.0.1:{port}", server, thread
+    return start_console(cfg, store, port=free_port())
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +107,12 @@ def console(tmp_path_factory) -> Iterator[Console]:
         pacs.shutdown()
     users.add(store, ADMIN[0], "admin", ADMIN[1])
     users.add(store, VIEWER[0], "viewer", VIEWER[1])
-    url, server, thread = serve_console(cfg, store)
+    server = serve_console(cfg, store)
     try:
-        yield Console(url, cfg, store, studies[True].identity.study_instance_uid,
+        yield Console(server.url, cfg, store, studies[True].identity.study_instance_uid,
                       studies[False].identity.study_instance_uid, int(failed["id"]))
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +224,9 @@ def test_the_session_cookie_is_httponly_and_samesite_strict(console):
 
 def test_logins_are_throttled_after_the_configured_failures(console):
     cfg = console.cfg.model_copy(update={"web": console.cfg.web.model_copy(update={"login_attempts": 3})})
-    url, server, thread = serve_console(cfg, console.store)
+    server = serve_console(cfg, console.store)
     try:
-        client = httpx.Client(base_url=url)
+        client = httpx.Client(base_url=server.url)
         token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
         codes = [client.post("/login", data={"name": ADMIN[0], "password": "wrong-wrong-wrong", "csrf": token}
                              ).status_code for _ in range(3)]
@@ -246,8 +234,7 @@ def test_logins_are_throttled_after_the_configured_failures(console):
         assert codes == [401, 401, 401]
         assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
 
 
 def test_the_api_lists_the_worklist_in_the_clis_order(console):
@@ -256,3 +243,28 @@ def test_the_api_lists_the_worklist_in_the_clis_order(console):
     assert [r["id"] for r in api] == [r["id"] for r in admin.worklist(console.store)]
     assert api[0]["study_instance_uid"] == console.positive and api[0]["header"]["patient_id"]
     assert client.get("/api/jobs", params={"state": "nonsense"}).status_code == 422
+
+
+def test_the_node_serves_the_console_beside_its_listener_when_asked(tmp_path):
+    port = free_port()
+    cfg = load_config(None, environ={}, overrides=[
+        f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={free_port()}", "node.role=receiver",
+        "metrics.port=0", "web.with_node=true", f"web.port={port}"])
+    node = Node(cfg, sweep_seconds=0.5, stop_timeout=10)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    finally:
+        node.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/login")
+
+
+def test_a_console_on_a_network_address_needs_tls(tmp_path):
+    from node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs web.tls"):
+        load_config(None, environ={}, overrides=["web.host=0.0.0.0"])
+    ok = load_config(None, environ={}, overrides=["web.host=0.0.0.0", f"web.tls={{cert: {tmp_path}/c.pem, key: "
+                                                  f"{tmp_path}/k.pem}}"])
+    assert ok.web.tls is not None

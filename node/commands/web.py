@@ -52,24 +52,16 @@ def web_cmd(ctx: typer.Context) -> None:
     """Serve the console (web.host:web.port; HTTPS with web.tls, else on a loopback address only)."""
     if ctx.invoked_subcommand is not None:
         return
-    import uvicorn
-
     from node.logs import configure_logging
-    from node.web.app import create_app
+    from node.web.server import run_console
 
     cfg: Config = ctx.obj.config
     configure_logging(cfg.logging, role="web")
     store = _store(ctx, create=True)
-    app = create_app(cfg, store)
     scheme = "https" if cfg.web.tls else "http"
     log.warning("petriage console on %s://%s:%d - AI triage aid, not for diagnostic use", scheme, cfg.web.host,
                 cfg.web.port)
-    try:
-        uvicorn.run(app, host=cfg.web.host, port=cfg.web.port, log_level="warning", access_log=False,
-                    ssl_certfile=str(cfg.web.tls.cert) if cfg.web.tls else None,
-                    ssl_keyfile=str(cfg.web.tls.key) if cfg.web.tls else None, server_header=False)
-    except OSError as exc:
-        raise NodeError(f"web: cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror or exc}") from exc
+    run_console(cfg, store)
 
 
 @user_app.command("add")
