@@ -55,6 +55,12 @@ def list_jobs(store: Store, states: list[str] | None = None, limit: int = 200,
         return [_job_row(r, now) for r in conn.execute(query).all()]
 
 
+def list_jobs_by_id(store: Store, ids: list[int], now: dt.datetime | None = None) -> list[dict]:
+    now = now or utcnow()
+    with store.engine.connect() as conn:
+        return [_job_row(r, now) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids))).all()]
+
+
 def find(store: Store, ref: str, now: dt.datetime | None = None) -> tuple[str, list[dict]]:
     """(StudyInstanceUID, its jobs) for job number ``ref``, or for the study whose UID is ``ref`` or ends
     with it (6+ characters); a study still being received has no job yet."""

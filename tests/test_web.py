@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -268,3 +269,15 @@ def test_a_console_on_a_network_address_needs_tls(tmp_path):
     ok = load_config(None, environ={}, overrides=["web.host=0.0.0.0", f"web.tls={{cert: {tmp_path}/c.pem, key: "
                                                   f"{tmp_path}/k.pem}}"])
     assert ok.web.tls is not None
+
+
+def test_schemathesis_finds_no_api_answer_that_breaks_its_openapi_description(console, tmp_path):
+    # Last in this module: the POST operations really retry and cancel jobs of the shared store.
+    client, token = _client(console, ADMIN)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    proc = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{console.url}/api/openapi.json",
+                           "--checks", "all", "--max-examples", "25", "--generation-deterministic",
+                           "-H", f"Cookie: {cookie}", "-H", f"X-CSRF-Token: {token}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Selected: 6/6" in proc.stdout and "Tested: 6" in proc.stdout

@@ -19,6 +19,7 @@ throttling work); a viewer sees, an admin also acts.
 
 import datetime as dt
 import logging
+import re
 import shutil
 from ipaddress import ip_address
 from pathlib import Path
@@ -28,6 +29,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BeforeValidator
 from starlette.middleware.sessions import SessionMiddleware
 
 from node import admin
@@ -44,6 +46,19 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 NOTICE = "AI triage aid - not for diagnostic use"
 STATES = [str(s) for s in JobState]
+
+
+def _iso_day(value: object) -> object:
+    """Only YYYY-MM-DD (pydantic alone would also take a number of seconds since 1970)."""
+    if value is None or isinstance(value, dt.date):
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("a date as YYYY-MM-DD")
+    return value
+
+
+DateText = Annotated[dt.date | None, BeforeValidator(_iso_day), Query(description="YYYY-MM-DD")]
+States = Annotated[list[JobState] | None, Query(description="only jobs in these states")]
 
 
 class LoginRequiredError(Exception):
@@ -192,11 +207,12 @@ def create_app(config: Config, store: Store) -> FastAPI:
         return RedirectResponse("/login", status_code=303)
 
     # ---- data ------------------------------------------------------------------------------------------
-    def worklist_rows(state: list[str] | None, since: dt.date | None, until: dt.date | None,
+    def worklist_rows(state: list[JobState] | None, since: dt.date | None, until: dt.date | None,
                       limit: int) -> list[dict]:
         rows = admin.worklist(store, limit=limit)
         if state:
-            rows = [r for r in rows if r["state"] in state]
+            wanted = {str(s) for s in state}
+            rows = [r for r in rows if r["state"] in wanted]
         if since or until:
             rows = [r for r in rows if (since is None or r["created_at"].date() >= since)
                     and (until is None or r["created_at"].date() <= until)]
@@ -236,16 +252,17 @@ def create_app(config: Config, store: Store) -> FastAPI:
 
     # ---- pages -----------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def worklist_page(request: Request, user: User, state: Annotated[list[str] | None, Query()] = None,
-                      since: dt.date | None = None, until: dt.date | None = None) -> HTMLResponse:
+    def worklist_page(request: Request, user: User, state: States = None,
+                      since: DateText = None, until: DateText = None) -> HTMLResponse:
         rows = worklist_rows(state, since, until, 1000)
         return page(request, "worklist.html", {"user": user, "rows": rows, "states": STATES, "state": state or [],
                                                "since": since, "until": until, "now": utcnow()})
 
     @app.get("/worklist/rows", response_class=HTMLResponse, include_in_schema=False)
-    def worklist_fragment(request: Request, user: User, state: Annotated[list[str] | None, Query()] = None,
-                          since: dt.date | None = None, until: dt.date | None = None) -> HTMLResponse:
-        return page(request, "worklist_rows.html", {"user": user, "rows": worklist_rows(state, since, until, 1000)})
+    def worklist_fragment(request: Request, user: User, state: States = None,
+                          since: DateText = None, until: DateText = None) -> HTMLResponse:
+        rows = worklist_rows(state, since, until, 1000)
+        return page(request, "worklist_rows.html", {"user": user, "rows": rows})
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, include_in_schema=False)
     def study_page(request: Request, uid: str, user: User) -> HTMLResponse:
@@ -292,40 +309,52 @@ def create_app(config: Config, store: Store) -> FastAPI:
         return _back(request)
 
     # ---- API -------------------------------------------------------------------------------------------
-    @app.get("/api/worklist", tags=["worklist"])
-    def api_worklist(user: User, state: Annotated[list[str] | None, Query()] = None,
-                     since: dt.date | None = None, until: dt.date | None = None,
+    errors = {401: {"description": "not logged in"}, 403: {"description": "a viewer, or no CSRF token"},
+              404: {"description": "no such job or study"}, 409: {"description": "not possible in its state"},
+              422: {"description": "malformed request"}}
+
+    def known_job(job_id: int) -> None:
+        if not admin.list_jobs_by_id(store, [job_id]):
+            raise HTTPException(404, f"no job {job_id}")
+
+    def known_study(uid: str) -> None:
+        try:
+            admin.find(store, uid)
+        except AdminError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    @app.get("/api/worklist", tags=["worklist"], responses=errors)
+    def api_worklist(user: User, state: States = None, since: DateText = None, until: DateText = None,
                      limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[dict]:
         """Studies in reading order, as `petriage worklist --json`, with their header fields."""
         return _jsonable(worklist_rows(state, since, until, limit))
 
-    @app.get("/api/jobs", tags=["queue"])
-    def api_jobs(user: User, state: Annotated[list[str] | None, Query()] = None,
-                 limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[dict]:
+    @app.get("/api/jobs", tags=["queue"], responses=errors)
+    def api_jobs(user: User, state: States = None, limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[dict]:
         """Jobs, most urgent first, as `petriage queue list --json`."""
-        bad = [s for s in state or [] if s not in STATES]
-        if bad:
-            raise HTTPException(422, f"unknown state {', '.join(bad)}; one of {', '.join(STATES)}")
-        return _jsonable(admin.list_jobs(store, state, limit))
+        return _jsonable(admin.list_jobs(store, [str(s) for s in state] if state else None, limit))
 
-    @app.get("/api/studies/{uid}", tags=["worklist"])
+    @app.get("/api/studies/{uid}", tags=["worklist"], responses=errors)
     def api_study(uid: str, user: User) -> dict:
         """A study: its jobs, result, SR finding, result objects, deliveries, notifications and timeline."""
+        known_study(uid)
         return _jsonable(study_data(uid))
 
-    @app.get("/api/status", tags=["health"])
+    @app.get("/api/status", tags=["health"], responses=errors)
     def api_status(user: User) -> dict:
         """Jobs by state, node heartbeats, disk, model and destinations."""
         return _jsonable(health())
 
-    @app.post("/api/jobs/{job_id}/retry", tags=["queue"])
+    @app.post("/api/jobs/{job_id}/retry", tags=["queue"], responses=errors)
     def api_retry(job_id: int, user: Admin) -> dict:
         """Run a job again (admin; needs the X-CSRF-Token header of the session)."""
+        known_job(job_id)
         return _jsonable(admin.retry(store, job_id, force=True, by=f"web:{user.name}"))
 
-    @app.post("/api/jobs/{job_id}/cancel", tags=["queue"])
+    @app.post("/api/jobs/{job_id}/cancel", tags=["queue"], responses=errors)
     def api_cancel(job_id: int, user: Admin) -> dict:
         """Cancel a queued, running or sending job (admin)."""
+        known_job(job_id)
         return _jsonable(admin.cancel(store, job_id, by=f"web:{user.name}"))
 
     return app
