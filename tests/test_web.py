@@ -5,6 +5,7 @@ to a storage SCP; one job failed for real (a spooled file removed before its wor
 from __future__ import annotations
 
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -269,6 +270,47 @@ def test_a_console_on_a_network_address_needs_tls(tmp_path):
     ok = load_config(None, environ={}, overrides=["web.host=0.0.0.0", f"web.tls={{cert: {tmp_path}/c.pem, key: "
                                                   f"{tmp_path}/k.pem}}"])
     assert ok.web.tls is not None
+
+
+def test_over_tls_the_session_cookie_is_secure(console, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=60)
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={console.cfg.storage.root}",
+                                                   f"web.tls={{cert: {cert}, key: {key}}}"])
+    server = serve_console(cfg, console.store)
+    try:
+        assert server.url.startswith("https://")
+        client = httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=str(cert)))
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        r = client.post("/login", data={"name": ADMIN[0], "password": ADMIN[1], "csrf": token})
+        assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    finally:
+        server.stop()
+
+
+def test_a_trusted_proxy_names_the_user_only_from_its_own_address(console):
+    def proxied(addresses: str):
+        cfg = load_config(None, environ={}, overrides=[
+            f"storage.root={console.cfg.storage.root}",
+            f"web.trusted_proxy={{header: X-Remote-User, addresses: [{addresses}]}}"])
+        return serve_console(cfg, console.store)
+
+    server = proxied("127.0.0.1/32")
+    try:
+        as_bob = httpx.get(server.url + "/", headers={"X-Remote-User": VIEWER[0]})
+        assert as_bob.status_code == 200 and "bob" in as_bob.text and "PHANTOM" in as_bob.text
+        stranger = httpx.get(server.url + "/", headers={"X-Remote-User": "nobody-here"})
+        assert stranger.status_code == 303  # a name the console does not know: log in
+    finally:
+        server.stop()
+    server = proxied("10.9.8.0/24")  # the proxy is elsewhere: a header from here names no one
+    try:
+        assert httpx.get(server.url + "/", headers={"X-Remote-User": VIEWER[0]}).status_code == 303
+    finally:
+        server.stop()
 
 
 def test_schemathesis_finds_no_api_answer_that_breaks_its_openapi_description(console, tmp_path):
