@@ -562,8 +562,8 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
     inside = np.zeros(grid.shape, dtype=bool)
     shown = np.zeros(grid.shape, dtype=np.float32)
     owner = np.zeros(grid.shape, dtype=np.uint8)
-    for i, e in enumerate(anatomy.emboli):
-        _paint_embolus(p, e, anatomy.artery(e.artery), inside, shown, owner, i, contrast)
+    for i, emb in enumerate(anatomy.emboli):
+        _paint_embolus(p, emb, anatomy.artery(emb.artery), inside, shown, owner, i, contrast)
     _paint_mixing(p, anatomy, contrast)
     if contrast:
         _paint_streaks(p, anatomy)
