@@ -223,12 +223,16 @@ class WebTLS(_Section):
     key: Path
 
 
+def _loopback_only() -> list[IPv4Network | IPv6Network]:
+    return [IPv4Network("127.0.0.1/32")]
+
+
 class TrustedProxy(_Section):
     """A reverse proxy that logs users in itself and names them in a header (node/web/security.py)."""
 
     header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")] = "X-Remote-User"
     # Only requests from these addresses may name a user; anyone else must log in.
-    addresses: list[IPv4Network | IPv6Network] = Field(default_factory=lambda: [IPv4Network("127.0.0.1/32")])
+    addresses: list[IPv4Network | IPv6Network] = Field(default_factory=_loopback_only)
 
 
 class WebSettings(_Section):

@@ -305,8 +305,9 @@ class Node:
                 self.receivers[i] = self._start_receiver()
 
     def stop(self) -> None:
-        if getattr(self, "console", None) is not None:
-            self.console.stop()
+        console = getattr(self, "console", None)
+        if console is not None:
+            console.stop()
         for proc in self.receivers:
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: it stops listening, its associations end

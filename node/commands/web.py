@@ -22,7 +22,7 @@ user_app = typer.Typer(no_args_is_help=True, help="Local users of the console (a
 web_app.add_typer(user_app, name="user")
 
 
-def _store(ctx: typer.Context, create: bool = False):
+def _store(ctx, create: bool = False):
     from node.commands.queue import _store as existing
     from node.store import Store, database_url
 

@@ -23,7 +23,7 @@ import re
 import shutil
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -148,11 +148,12 @@ def create_app(config: Config, store: Store) -> FastAPI:
         origin = request.headers.get("origin")
         if origin is not None and origin.rstrip("/") != f"{request.url.scheme}://{request.url.netloc}":
             raise HTTPException(403, "cross-site request refused")
-        given = request.headers.get("x-csrf-token")
+        given: str | None = request.headers.get("x-csrf-token")
         if given is None and request.headers.get("content-type", "").startswith(
                 ("application/x-www-form-urlencoded", "multipart/form-data")):
-            given = (await request.form()).get("csrf")
-        if not same_token(request.session.get("csrf"), str(given) if given is not None else None):
+            field = (await request.form()).get("csrf")
+            given = field if isinstance(field, str) else None
+        if not same_token(request.session.get("csrf"), given):
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
 
     def admin_user(request: Request, user: Annotated[users.User, Depends(current_user)],
@@ -225,7 +226,8 @@ def create_app(config: Config, store: Store) -> FastAPI:
     def study_data(uid: str) -> dict:
         found_uid, found = admin.find(store, uid)
         latest = found[-1] if found else None
-        result = _json_field(latest.get("result")) if latest else None
+        parsed = _json_field(latest.get("result")) if latest else None
+        result: dict | None = parsed if isinstance(parsed, dict) else None
         outbox = latest.get("outbox") if latest else None
         return {"study_instance_uid": found_uid, "study": store.study(found_uid), "jobs": found, "result": result,
                 "header": app.state.headers.get_many([found_uid])[found_uid].as_dict(),
@@ -309,9 +311,10 @@ def create_app(config: Config, store: Store) -> FastAPI:
         return _back(request)
 
     # ---- API -------------------------------------------------------------------------------------------
-    errors = {401: {"description": "not logged in"}, 403: {"description": "a viewer, or no CSRF token"},
-              404: {"description": "no such job or study"}, 409: {"description": "not possible in its state"},
-              422: {"description": "malformed request"}}
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"description": "not logged in"}, 403: {"description": "a viewer, or no CSRF token"},
+        404: {"description": "no such job or study"}, 409: {"description": "not possible in its state"},
+        422: {"description": "malformed request"}}
 
     def known_job(job_id: int) -> None:
         if not admin.list_jobs_by_id(store, [job_id]):
