@@ -216,5 +216,13 @@ def worklist(store: Store, now: dt.datetime | None = None, limit: int = 200) -> 
     return out
 
 
+def audit_trail(store: Store, limit: int = 100) -> list[dict]:
+    """The newest logins, failed logins, refusals and admin actions (console and CLI), newest first."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(events).where(events.c.kind.like("web-%") | events.c.kind.like("admin-%"))
+                            .order_by(events.c.id.desc()).limit(limit)).all()
+    return [dict(r._mapping) for r in rows]
+
+
 def timeline(store: Store, study_instance_uid: str) -> list[dict]:
     return store.events_of(study_instance_uid)

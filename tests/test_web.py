@@ -192,6 +192,8 @@ def test_an_admin_retries_a_failed_job_and_sees_it_queued(console, browser):
     uid, jobs = admin.find(console.store, str(console.failed_job))
     assert jobs[0]["state"] == JobState.QUEUED
     assert any(e["kind"] == "admin-retry" and "by web:alice" in e["detail"] for e in console.store.events_of(uid))
+    audit = page.locator("ol.audit").inner_text()  # the admin sees the audit trail: this retry, the logins
+    assert "admin-retry" in audit and "web-login alice (admin) from 127.0.0.1" in audit
     page.close()
 
 

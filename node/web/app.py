@@ -280,8 +280,9 @@ def create_app(config: Config, store: Store) -> FastAPI:
     @app.get("/queue", response_class=HTMLResponse, include_in_schema=False)
     def queue_page(request: Request, user: User, state: str | None = None) -> HTMLResponse:
         jobs = admin.list_jobs(store, [state] if state in STATES else None, 500)
+        audit = admin.audit_trail(store, 50) if user.can_act else []
         return page(request, "queue.html", {"user": user, "jobs": jobs, "health": health(), "states": STATES,
-                                            "state": state})
+                                            "state": state, "audit": audit})
 
     def _back(request: Request, fallback: str = "/queue") -> RedirectResponse:
         referer = request.headers.get("referer", "")
