@@ -180,6 +180,24 @@ def test_the_study_page_shows_the_overlays_the_node_sent(console, browser):
     page.close()
 
 
+def test_the_worklist_updates_without_a_reload(console, browser):
+    page = _login(browser, console, VIEWER)
+    first = page.locator("tbody#worklist-rows tr").first
+    assert console.positive in first.locator("a").first.get_attribute("href")
+    page.evaluate("window.notReloaded = true")
+    _, jobs = admin.find(console.store, console.negative)
+    admin.set_priority(console.store, jobs[-1]["id"], 99999, by="test")  # the CLI moves it to the top
+    try:
+        deadline = time.monotonic() + 15  # the page polls every 10 s (our CSP forbids Playwright's eval waits)
+        while console.negative not in (first.locator("a").first.get_attribute("href") or ""):
+            assert time.monotonic() < deadline, "the worklist did not update"
+            page.wait_for_timeout(250)
+        assert page.evaluate("window.notReloaded") is True  # the rows changed, the page did not reload
+    finally:
+        admin.set_priority(console.store, jobs[-1]["id"], jobs[-1]["priority"], by="test")
+        page.close()
+
+
 def test_an_admin_retries_a_failed_job_and_sees_it_queued(console, browser):
     page = _login(browser, console, ADMIN)
     page.goto(f"{console.url}/queue?state=failed")
