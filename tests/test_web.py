@@ -244,6 +244,21 @@ def test_the_session_cookie_is_httponly_and_samesite_strict(console):
     assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie  # plain HTTP here
 
 
+def test_a_session_ends_when_its_user_changes_password_or_is_removed(console):
+    from node.web import users
+
+    users.add(console.store, "dora", "viewer", "dora-password-1")
+    client, _ = _client(console, ("dora", "dora-password-1"))
+    assert client.get("/").status_code == 200
+    time.sleep(1.1)  # the session remembers its login to the second
+    users.set_password(console.store, "dora", "dora-password-2")
+    assert client.get("/").status_code == 303  # logged out: the password changed after this login
+    client, _ = _client(console, ("dora", "dora-password-2"))
+    assert client.get("/").status_code == 200
+    users.remove(console.store, "dora")
+    assert client.get("/").status_code == 303
+
+
 def test_logins_are_throttled_after_the_configured_failures(console):
     cfg = console.cfg.model_copy(update={"web": console.cfg.web.model_copy(update={"login_attempts": 3})})
     server = serve_console(cfg, console.store)
