@@ -55,6 +55,12 @@ def list_jobs(store: Store, states: list[str] | None = None, limit: int = 200,
         return [_job_row(r, now) for r in conn.execute(query).all()]
 
 
+def list_jobs_by_id(store: Store, ids: list[int], now: dt.datetime | None = None) -> list[dict]:
+    now = now or utcnow()
+    with store.engine.connect() as conn:
+        return [_job_row(r, now) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids))).all()]
+
+
 def find(store: Store, ref: str, now: dt.datetime | None = None) -> tuple[str, list[dict]]:
     """(StudyInstanceUID, its jobs) for job number ``ref``, or for the study whose UID is ``ref`` or ends
     with it (6+ characters); a study still being received has no job yet."""
@@ -84,7 +90,8 @@ def _job(store: Store, job_id: int) -> dict:
     return dict(row._mapping)
 
 
-def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, kind: str, detail: str) -> dict:
+def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, kind: str, detail: str,
+            by: str | None = None) -> dict:
     job = _job(store, job_id)
     now = utcnow()
     with store.engine.begin() as conn:
@@ -94,11 +101,11 @@ def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, k
             current = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar_one()
             raise AdminError(f"job {job_id} is {current}; this works on {', '.join(allowed)} jobs")
         conn.execute(insert(events).values(at=now, study_instance_uid=job["study_instance_uid"], kind=kind,
-                                           detail=f"job {job_id}: {detail} by {operator()}"))
+                                           detail=f"job {job_id}: {detail} by {by or operator()}"))
     return _job(store, job_id)
 
 
-def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
+def retry(store: Store, job_id: int, *, force: bool = False, by: str | None = None) -> dict:
     """A failed, skipped or cancelled job (or, with ``force``, a done one) runs again; a job waiting to
     re-send (sending) is sent now instead of at its next backoff time.
 
@@ -108,7 +115,7 @@ def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
     job = _job(store, job_id)
     if job["state"] == JobState.SENDING:
         return _change(store, job_id, (JobState.SENDING,), {"next_attempt_at": utcnow()}, "admin-retry",
-                       "sending now")
+                       "sending now", by)
     allowed = (JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED) + ((JobState.DONE,) if force else ())
     if job["state"] == JobState.DONE and not force:
         raise AdminError(f"job {job_id} is done; --force analyses it again")
@@ -120,23 +127,24 @@ def retry(store: Store, job_id: int, *, force: bool = False) -> dict:
         values = {"state": JobState.QUEUED, "reason": "retry requested: analysing again", "outbox": None,
                   "delivered": "[]", "send_attempts": 0, "next_attempt_at": None, "lease_owner": None,
                   "lease_expires_at": None, "result": None}
-    return _change(store, job_id, allowed, values, "admin-retry", "sending again" if resend else "analysing again")
+    return _change(store, job_id, allowed, values, "admin-retry", "sending again" if resend else "analysing again",
+                   by)
 
 
-def cancel(store: Store, job_id: int) -> dict:
+def cancel(store: Store, job_id: int, *, by: str | None = None) -> dict:
     """A queued, running or sending job stops (a running worker's outcome is then discarded)."""
     return _change(store, job_id, (JobState.QUEUED, JobState.RUNNING, JobState.SENDING),
-                   {"state": JobState.CANCELLED, "reason": f"cancelled by {operator()}", "lease_owner": None,
-                    "lease_expires_at": None}, "admin-cancel", "cancelled")
+                   {"state": JobState.CANCELLED, "reason": f"cancelled by {by or operator()}", "lease_owner": None,
+                    "lease_expires_at": None}, "admin-cancel", "cancelled", by)
 
 
-def set_priority(store: Store, job_id: int, priority: int) -> dict:
+def set_priority(store: Store, job_id: int, priority: int, *, by: str | None = None) -> dict:
     job = _job(store, job_id)
     return _change(store, job_id, tuple(JobState), {"priority": priority}, "admin-priority",
-                   f"priority {job['priority']} -> {priority}")
+                   f"priority {job['priority']} -> {priority}", by)
 
 
-def requeue(store: Store, state: JobState = JobState.FAILED) -> list[int]:
+def requeue(store: Store, state: JobState = JobState.FAILED, *, by: str | None = None) -> list[int]:
     """``retry`` every job in ``state`` (failed: run again; sending: send now)."""
     with store.engine.connect() as conn:
         ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.state == state)
@@ -144,7 +152,7 @@ def requeue(store: Store, state: JobState = JobState.FAILED) -> list[int]:
     done = []
     for job_id in ids:
         try:
-            retry(store, job_id)
+            retry(store, job_id, by=by)
             done.append(job_id)
         except AdminError:  # changed state meanwhile (a worker or another admin)
             continue
@@ -206,6 +214,14 @@ def worklist(store: Store, now: dt.datetime | None = None, limit: int = 200) -> 
         d["result_age_seconds"] = _age_seconds(r.updated_at, now) if d["probability"] is not None else None
         out.append(d)
     return out
+
+
+def audit_trail(store: Store, limit: int = 100) -> list[dict]:
+    """The newest logins, failed logins, refusals and admin actions (console and CLI), newest first."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(events).where(events.c.kind.like("web-%") | events.c.kind.like("admin-%"))
+                            .order_by(events.c.id.desc()).limit(limit)).all()
+    return [dict(r._mapping) for r in rows]
 
 
 def timeline(store: Store, study_instance_uid: str) -> list[dict]:

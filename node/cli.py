@@ -17,6 +17,7 @@ from node.commands.demo import demo_cmd
 from node.commands.phantom import phantom_cmd
 from node.commands.queue import echo_cmd, queue_app, send_cmd, status_cmd, worklist_cmd
 from node.commands.serve import serve_cmd
+from node.commands.web import web_app
 from node.config import Config, load_config
 from node.errors import NodeError
 
@@ -85,6 +86,7 @@ app.command("worklist")(worklist_cmd)
 app.command("status")(status_cmd)
 app.command("echo")(echo_cmd)
 app.command("send")(send_cmd)
+app.add_typer(web_app, name="web")
 
 
 def main(argv: list[str] | None = None) -> int:

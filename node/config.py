@@ -216,6 +216,47 @@ class MetricsSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
+class WebTLS(_Section):
+    """The console's HTTPS certificate and key (PEM)."""
+
+    cert: Path
+    key: Path
+
+
+def _loopback_only() -> list[IPv4Network | IPv6Network]:
+    return [IPv4Network("127.0.0.1/32")]
+
+
+class TrustedProxy(_Section):
+    """A reverse proxy that logs users in itself and names them in a header (node/web/security.py)."""
+
+    header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")] = "X-Remote-User"
+    # Only requests from these addresses may name a user; anyone else must log in.
+    addresses: list[IPv4Network | IPv6Network] = Field(default_factory=_loopback_only)
+
+
+class WebSettings(_Section):
+    """The web console (petriage web): worklist, study pages, queue control behind a login."""
+
+    # Without tls the console listens on a loopback address only (a reverse proxy may publish it).
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    tls: WebTLS | None = None
+    session_hours: Annotated[float, Field(gt=0, le=24 * 7)] = 8.0
+    # Failed logins from one address or for one name within 15 minutes before further tries wait.
+    login_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    trusted_proxy: TrustedProxy | None = None
+    # Also start the console with `petriage serve` (role all or receiver).
+    with_node: bool = False
+
+    @model_validator(mode="after")
+    def _loopback_without_tls(self) -> WebSettings:
+        if self.tls is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"web.host {self.host!r} needs web.tls: without TLS the console listens on "
+                             "127.0.0.1 only (put a TLS reverse proxy in front, or set web.tls)")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"  # json: one object per line for a log collector
@@ -240,6 +281,7 @@ class Config(_Section):
     triage: TriageSettings = Field(default_factory=TriageSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

@@ -147,6 +147,15 @@ settings = Table(  # the store as a whole (revision 0003): storage-mark -> the s
     Column("value", Text, nullable=False),
 )
 
+web_users = Table(  # the web console's users (revision 0004): name, role, argon2 hash (node/web/users.py)
+    "web_users", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),  # viewer | admin
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("password_changed_at", DateTime(timezone=True), nullable=False),
+)
+
 events = Table(
     "events", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

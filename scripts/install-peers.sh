@@ -2,7 +2,7 @@
 # Install the real DICOM peers the tests talk to, where apt-get is usable and they are missing:
 #   dicom3tools (dciodvfy), dcmtk (storescu, echoscu, dsrdump), orthanc (the PACS),
 #   pixelmed-apps (DicomSRValidator, with a Java runtime), systemd (systemd-analyze verify),
-#   postgresql (the shared store of several nodes).
+#   postgresql (the shared store of several nodes), chromium (the web console's browser tests).
 # Elsewhere it says what is missing; tests needing them skip with that reason (and fail under CI=true).
 set -euo pipefail
 need=()
@@ -13,8 +13,9 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies systemd/petriage.service
 # PostgreSQL server programs (a test cluster per session, made by initdb as the postgres user)
 { command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || need+=(postgresql)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # driven by Playwright (executable_path) in tests/test_web.py
 if [ ${#need[@]} -eq 0 ]; then
-  echo "peers present: dciodvfy, dcmtk, Orthanc, PixelMed, systemd-analyze, PostgreSQL"
+  echo "peers present: dciodvfy, dcmtk, Orthanc, PixelMed, systemd-analyze, PostgreSQL, Chromium"
   exit 0
 fi
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

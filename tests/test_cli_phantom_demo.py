@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 from node.cli import main
 
@@ -42,3 +43,10 @@ def test_demo_makes_validates_and_shows_a_positive_and_a_negative_study(tmp_path
     assert "positive-overlay.png" in pngs and "negative-axial.png" in pngs
     # per study: CTPA, scout, lung (10 mm slabs here), non-contrast (5 mm)
     assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 2 * (30 + 1 + 30 + 60)
+    # the demo's store stays, with a console user whose fresh password the demo printed
+    from node.store import Store, database_url
+    from node.web import users
+
+    match = re.search(r"as user demo, password (\S+) \(new at every demo\)", printed)
+    assert match, printed[-600:]
+    assert users.verify(Store(database_url(tmp_path / "node", None)), "demo", match.group(1)) is not None

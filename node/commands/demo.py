@@ -109,4 +109,24 @@ def _serve_and_send(cfg, studies: list[tuple[bool, str, list[Path]]], out_dir: P
                       "-" if r.probability is None else f"{r.probability:.3f}", r.decision, f"{r.seconds:.1f} s")
     out.print(table)
     out.print("result images (as the PACS received them): " + ", ".join(str(p) for r in rows for p in r.pngs))
+    _console_hint(cfg, out_dir / "node")
     out.print("AI triage aid - not for diagnostic use.")
+
+
+def _console_hint(cfg, root: Path) -> None:
+    """The demo's store stays: give it a console user with a fresh random password, say how to open it."""
+    import secrets
+
+    from node.store import Store, database_url
+    from node.web import users
+
+    store = Store(database_url(root, None))
+    password = secrets.token_urlsafe(12)
+    if users.get(store, "demo") is None:
+        users.add(store, "demo", "admin", password)
+    else:
+        users.set_password(store, "demo", password)
+    store.engine.dispose()
+    out.print(f"web console on the demo's store: [bold].venv/bin/petriage --set storage.root={root} web[/bold], then "
+              f"http://127.0.0.1:{cfg.web.port}/ as user [bold]demo[/bold], password [bold]{password}[/bold] "
+              "(new at every demo)", soft_wrap=True, highlight=False)

@@ -179,6 +179,12 @@ class Node:
             self.sweeper.add_job(self._beat, "interval", seconds=5, id="heartbeat", max_instances=1,
                                  coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.sweeper.start()
+        self.console = None
+        if cfg.web.with_node and receives:  # the console beside the listener (petriage web runs it alone)
+            from node.web.server import start_console
+
+            self.console = start_console(cfg, self.store)
+            log.info("console on %s", self.console.url)
 
     def _housekeep(self) -> None:
         """Retention and disk-pressure removal; what it did is this node's "housekeeping" heartbeat."""
@@ -299,6 +305,9 @@ class Node:
                 self.receivers[i] = self._start_receiver()
 
     def stop(self) -> None:
+        console = getattr(self, "console", None)
+        if console is not None:
+            console.stop()
         for proc in self.receivers:
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: it stops listening, its associations end
