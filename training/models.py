@@ -4,7 +4,7 @@ The slice network's head is one linear layer applied at every position of the la
 class activation map (``cam``, in logit units, bias included). The slice logit pools the CAM:
 
 - ``avg``: its mean, which equals global average pooling followed by the linear layer (then Grad-CAM
-  on the last block equals the CAM up to a positive factor, ARCHITECTURE.md);
+  on the last block equals the CAM up to a positive factor);
 - ``lse``: log-mean-exp, a smooth maximum. Measured on the synthetic CTPA set, average pooling let a
   small embolus (one of 144 CAM cells) be outvoted by the rest of the slice, and the network learned
   where emboli tend to be rather than what they look like (max-slice study AUC 0.44 on held-out
