@@ -55,12 +55,6 @@ def list_jobs(store: Store, states: list[str] | None = None, limit: int = 200,
         return [_job_row(r, now) for r in conn.execute(query).all()]
 
 
-def list_jobs_by_id(store: Store, ids: list[int], now: dt.datetime | None = None) -> list[dict]:
-    now = now or utcnow()
-    with store.engine.connect() as conn:
-        return [_job_row(r, now) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids))).all()]
-
-
 def find(store: Store, ref: str, now: dt.datetime | None = None) -> tuple[str, list[dict]]:
     """(StudyInstanceUID, its jobs) for job number ``ref``, or for the study whose UID is ``ref`` or ends
     with it (6+ characters); a study still being received has no job yet."""
@@ -82,7 +76,8 @@ def find(store: Store, ref: str, now: dt.datetime | None = None) -> tuple[str, l
     raise AdminError(f"no job or study {ref!r}")
 
 
-def _job(store: Store, job_id: int) -> dict:
+def get_job(store: Store, job_id: int) -> dict:
+    """The job's row; AdminError if there is none."""
     with store.engine.connect() as conn:
         row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
     if row is None:
@@ -92,7 +87,7 @@ def _job(store: Store, job_id: int) -> dict:
 
 def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, kind: str, detail: str,
             by: str | None = None) -> dict:
-    job = _job(store, job_id)
+    job = get_job(store, job_id)
     now = utcnow()
     with store.engine.begin() as conn:
         changed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(allowed))
@@ -102,7 +97,7 @@ def _change(store: Store, job_id: int, allowed: tuple[str, ...], values: dict, k
             raise AdminError(f"job {job_id} is {current}; this works on {', '.join(allowed)} jobs")
         conn.execute(insert(events).values(at=now, study_instance_uid=job["study_instance_uid"], kind=kind,
                                            detail=f"job {job_id}: {detail} by {by or operator()}"))
-    return _job(store, job_id)
+    return get_job(store, job_id)
 
 
 def retry(store: Store, job_id: int, *, force: bool = False, by: str | None = None) -> dict:
@@ -112,7 +107,7 @@ def retry(store: Store, job_id: int, *, force: bool = False, by: str | None = No
     A job whose results were made but not delivered is sent again (state sending, due now, send
     attempts reset); any other is analysed again from its study's stored instances.
     """
-    job = _job(store, job_id)
+    job = get_job(store, job_id)
     if job["state"] == JobState.SENDING:
         return _change(store, job_id, (JobState.SENDING,), {"next_attempt_at": utcnow()}, "admin-retry",
                        "sending now", by)
@@ -139,7 +134,7 @@ def cancel(store: Store, job_id: int, *, by: str | None = None) -> dict:
 
 
 def set_priority(store: Store, job_id: int, priority: int, *, by: str | None = None) -> dict:
-    job = _job(store, job_id)
+    job = get_job(store, job_id)
     return _change(store, job_id, tuple(JobState), {"priority": priority}, "admin-priority",
                    f"priority {job['priority']} -> {priority}", by)
 
@@ -222,6 +217,13 @@ def audit_trail(store: Store, limit: int = 100) -> list[dict]:
         rows = conn.execute(select(events).where(events.c.kind.like("web-%") | events.c.kind.like("admin-%"))
                             .order_by(events.c.id.desc()).limit(limit)).all()
     return [dict(r._mapping) for r in rows]
+
+
+def triage_label(row: dict) -> str:
+    """What a worklist row says: PE suspected, PE not suspected, pending, or why it was not analysed."""
+    if row["probability"] is None:
+        return {"failed": "not analysed: failed", "skipped": "not analysed: skipped"}.get(row["state"], "pending")
+    return "PE suspected" if row["positive"] else "PE not suspected"
 
 
 def timeline(store: Store, study_instance_uid: str) -> list[dict]:

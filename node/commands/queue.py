@@ -222,15 +222,12 @@ def worklist_cmd(ctx: typer.Context, as_json: AsJson = False,
     table.add_column("prio", justify="right", no_wrap=True)
     table.add_column("job", no_wrap=True)
     table.add_column("received", justify="right", no_wrap=True)
+    styles = {"PE suspected": "bold red", "PE not suspected": "green", "pending": ""}
     for i, r in enumerate(rows, 1):
         p = r["probability"]
-        if p is None:
-            triage = {"failed": "[yellow]not analysed: failed[/yellow]",
-                      "skipped": "[yellow]not analysed: skipped[/yellow]"}.get(r["state"], "pending")
-        elif not r["positive"]:
-            triage = "[green]PE not suspected[/green]"
-        else:
-            triage = "[bold red]PE suspected[/bold red]"
+        label = admin.triage_label(r)
+        style = styles.get(label, "yellow")
+        triage = f"[{style}]{label}[/{style}]" if style else label
         table.add_row(str(i), _short(r["study_instance_uid"])[-10:], triage, "-" if p is None else f"{p:.2f}",
                       str(r["priority"]), f"{r['id']} {r['state']}", _age(r["received_age_seconds"]))
     out.print(table)

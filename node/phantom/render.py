@@ -54,8 +54,8 @@ class Rendered:
     emboli_slices: list[list[int]]  # slice indices where each embolus has mask voxels
     # Per voxel: how much of its clot's full darkening the noise-free image shows (0-1), and which
     # embolus (index + 1, 0: none) covers it at least half.
-    shown: np.ndarray | None = None
-    owner: np.ndarray | None = None
+    shown: np.ndarray
+    owner: np.ndarray
 
 
 # A voxel is embolus in the mask when it is at least half inside the clot (EMBOLUS_SHARE of the slice's
@@ -166,10 +166,10 @@ def embolus_axis(emb: Embolus, tube: Tube) -> tuple[np.ndarray, np.ndarray]:
     return pts, np.interp(ss, arc, tube.radii)
 
 
-def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray, shown: np.ndarray, owner: np.ndarray,
-                   index: int, contrast: bool) -> None:
-    """Paint one clot; mark the voxels it fills at least half (``mask``, ``owner``) and the share of its
-    full darkening each voxel shows (``shown``)."""
+def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, shown: np.ndarray, owner: np.ndarray, index: int,
+                   contrast: bool) -> None:
+    """Paint one clot; mark the voxels it fills at least half (``owner``) and the share of its full
+    darkening each voxel shows (``shown``)."""
     pts, radii = embolus_axis(emb, tube)
     reach = float(radii.max()) * 1.1 + p.h
     box = _box(p.grid, pts.min(axis=0) - reach, pts.max(axis=0) + reach)
@@ -204,9 +204,7 @@ def _paint_embolus(p: _Painter, emb: Embolus, tube: Tube, mask: np.ndarray, show
     lumen_hu = float(before[full_lumen].mean()) if full_lumen.any() else float(before[lumen >= 0.5].max(initial=hu))
     share = (before - p.hu[region]) / max(lumen_hu - hu, 1.0)
     np.maximum(shown[region], share, out=shown[region])
-    inside = f >= 0.5
-    mask[region] |= inside
-    owner[region][inside] = index + 1
+    owner[region][f >= 0.5] = index + 1
 
 
 def _blob_shape(shape: np.ndarray, emb: Embolus, pts: np.ndarray, radii: np.ndarray, x, y, z, h: float) -> None:
@@ -559,11 +557,10 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
             p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU)
     for t in sorted((t for t in tubes if t.structure == Structure.PULMONARY_ARTERY), key=lambda t: -t.level):
         p.tube(t, hu_override=None if contrast else UNENHANCED_BLOOD_HU, soft=True)
-    inside = np.zeros(grid.shape, dtype=bool)
     shown = np.zeros(grid.shape, dtype=np.float32)
     owner = np.zeros(grid.shape, dtype=np.uint8)
     for i, emb in enumerate(anatomy.emboli):
-        _paint_embolus(p, emb, anatomy.artery(emb.artery), inside, shown, owner, i, contrast)
+        _paint_embolus(p, emb, anatomy.artery(emb.artery), shown, owner, i, contrast)
     _paint_mixing(p, anatomy, contrast)
     if contrast:
         _paint_streaks(p, anatomy)
@@ -573,6 +570,6 @@ def render(anatomy: Anatomy, grid: Grid, *, contrast: bool = True, noise: bool =
         _reconstruction(p, anatomy)
     np.clip(p.hu, -1024.0, 3071.0, out=p.hu)
     if not contrast:
-        inside[:] = False
-    mask, voxels, slices = shown_mask(inside, shown, owner, len(anatomy.emboli))
+        owner[:] = 0
+    mask, voxels, slices = shown_mask(owner > 0, shown, owner, len(anatomy.emboli))
     return Rendered(p.hu, p.labels, mask, voxels, slices, shown, owner)

@@ -236,8 +236,7 @@ def _render_thick(anatomy: Anatomy, grid: Grid, thickness_mm: float, *, noise: b
     w = np.clip(hi - lo, 0.0, None)
     w /= w.sum(axis=1, keepdims=True)
     hu = np.tensordot(w.astype(np.float32), fine.hu, axes=1)
-    assert fine.owner is not None and fine.shown is not None  # render() always fills them
-    inside = np.asarray(fine.owner > 0)  # voxels at least half inside a clot, shown or not
+    inside = fine.owner > 0  # voxels at least half inside a clot, shown or not
     frac = np.tensordot(w.astype(np.float32), inside.astype(np.float32), axes=1)
     shown = np.tensordot(w.astype(np.float32), fine.shown, axes=1)
     labels = fine.labels[np.argmax(w, axis=1)]

@@ -18,6 +18,7 @@ throttling work); a viewer sees, an admin also acts.
 
 
 import datetime as dt
+import json
 import logging
 import re
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -70,7 +72,6 @@ def create_app(config: Config, store: Store) -> FastAPI:
                   openapi_url="/api/openapi.json",
                   description=f"The node's worklist, studies, queue and health ({NOTICE}).")
     web = config.web
-    app.state.store, app.state.config = store, config
     app.state.headers = HeaderCache(store)
     app.state.throttle = LoginThrottle(web.login_attempts)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -220,7 +221,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
         headers = app.state.headers.get_many([r["study_instance_uid"] for r in rows])
         for r in rows:
             r["header"] = headers[r["study_instance_uid"]].as_dict()
-            r["triage"] = _triage(r)
+            r["triage"] = admin.triage_label(r)
         return rows
 
     def study_data(uid: str) -> dict:
@@ -243,11 +244,9 @@ def create_app(config: Config, store: Store) -> FastAPI:
         root = Path(config.storage.root)
         where = root if root.exists() else root.parent
         disk = shutil.disk_usage(where)
-        counts = {s: 0 for s in STATES}
-        for r in admin.list_jobs(store, None, 100000):
-            counts[r["state"]] = counts.get(r["state"], 0) + 1
-        return {"jobs": counts, "nodes": beats, "disk": {"free_bytes": disk.free, "total_bytes": disk.total,
-                                                          "floor_bytes": config.storage.min_free_mb * 2**20},
+        return {"jobs": store.queue_summary(utcnow())["jobs"], "nodes": beats,
+                "disk": {"free_bytes": disk.free, "total_bytes": disk.total,
+                         "floor_bytes": config.storage.min_free_mb * 2**20},
                 "model": str(config.model.bundle),
                 "destinations": [{"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port}
                                  for d in config.destinations]}
@@ -258,7 +257,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
                       since: DateText = None, until: DateText = None) -> HTMLResponse:
         rows = worklist_rows(state, since, until, 1000)
         return page(request, "worklist.html", {"user": user, "rows": rows, "states": STATES, "state": state or [],
-                                               "since": since, "until": until, "now": utcnow()})
+                                               "since": since, "until": until})
 
     @app.get("/worklist/rows", response_class=HTMLResponse, include_in_schema=False)
     def worklist_fragment(request: Request, user: User, state: States = None,
@@ -318,12 +317,8 @@ def create_app(config: Config, store: Store) -> FastAPI:
         422: {"description": "malformed request"}}
 
     def known_job(job_id: int) -> None:
-        if not admin.list_jobs_by_id(store, [job_id]):
-            raise HTTPException(404, f"no job {job_id}")
-
-    def known_study(uid: str) -> None:
         try:
-            admin.find(store, uid)
+            admin.get_job(store, job_id)
         except AdminError as exc:
             raise HTTPException(404, str(exc)) from exc
 
@@ -331,35 +326,38 @@ def create_app(config: Config, store: Store) -> FastAPI:
     def api_worklist(user: User, state: States = None, since: DateText = None, until: DateText = None,
                      limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[dict]:
         """Studies in reading order, as `petriage worklist --json`, with their header fields."""
-        return _jsonable(worklist_rows(state, since, until, limit))
+        return jsonable_encoder(worklist_rows(state, since, until, limit))
 
     @app.get("/api/jobs", tags=["queue"], responses=errors)
     def api_jobs(user: User, state: States = None, limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[dict]:
         """Jobs, most urgent first, as `petriage queue list --json`."""
-        return _jsonable(admin.list_jobs(store, [str(s) for s in state] if state else None, limit))
+        return jsonable_encoder(admin.list_jobs(store, [str(s) for s in state] if state else None, limit))
 
     @app.get("/api/studies/{uid}", tags=["worklist"], responses=errors)
     def api_study(uid: str, user: User) -> dict:
         """A study: its jobs, result, SR finding, result objects, deliveries, notifications and timeline."""
-        known_study(uid)
-        return _jsonable(study_data(uid))
+        try:
+            data = study_data(uid)
+        except AdminError as exc:  # no such job or study
+            raise HTTPException(404, str(exc)) from exc
+        return jsonable_encoder(data)
 
     @app.get("/api/status", tags=["health"], responses=errors)
     def api_status(user: User) -> dict:
         """Jobs by state, node heartbeats, disk, model and destinations."""
-        return _jsonable(health())
+        return jsonable_encoder(health())
 
     @app.post("/api/jobs/{job_id}/retry", tags=["queue"], responses=errors)
     def api_retry(job_id: int, user: Admin) -> dict:
         """Run a job again (admin; needs the X-CSRF-Token header of the session)."""
         known_job(job_id)
-        return _jsonable(admin.retry(store, job_id, force=True, by=f"web:{user.name}"))
+        return jsonable_encoder(admin.retry(store, job_id, force=True, by=f"web:{user.name}"))
 
     @app.post("/api/jobs/{job_id}/cancel", tags=["queue"], responses=errors)
     def api_cancel(job_id: int, user: Admin) -> dict:
         """Cancel a queued, running or sending job (admin)."""
         known_job(job_id)
-        return _jsonable(admin.cancel(store, job_id, by=f"web:{user.name}"))
+        return jsonable_encoder(admin.cancel(store, job_id, by=f"web:{user.name}"))
 
     return app
 
@@ -370,27 +368,7 @@ def _local(target: str) -> str:
 
 
 def _json_field(text) -> object:
-    import json
-
     try:
         return json.loads(text) if text else None
     except ValueError:
         return None
-
-
-def _triage(row: dict) -> str:
-    if row["probability"] is None:
-        return {"failed": "not analysed: failed", "skipped": "not analysed: skipped"}.get(row["state"], "pending")
-    return "PE suspected" if row["positive"] else "PE not suspected"
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    return value

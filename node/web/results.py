@@ -18,7 +18,6 @@ from pydicom.uid import UID
 from node.web.errors import WebError
 
 SKIP = {"Language of Content Item and Descendants", "Observer Type"}
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,8 @@
 - **Sessions**: a signed cookie (Starlette's SessionMiddleware, itsdangerous) holding the user's name,
   the time of login and the session's CSRF token; HttpOnly, SameSite=Strict, Secure whenever the
   console is served over TLS; it expires after ``web.session_hours``. The signing key lives in the
-  store (``settings``), so every console process of a site accepts the same cookie, and rotating it
-  (``rotate_session_secret``) ends every session. A session dies too when its user is removed or
-  changes password.
+  store (``settings``), so every console process of a site accepts the same cookie. A session dies
+  when its user is removed or changes password.
 - **CSRF**: every state-changing request must carry the session's token (a hidden form field, or the
   ``X-CSRF-Token`` header for the JSON API) and, when the browser sends one, an ``Origin`` of this
   console; otherwise 403.
@@ -21,9 +20,7 @@ import threading
 import time
 from collections import deque
 
-from sqlalchemy import update
-
-from node.store import Store, settings
+from node.store import Store
 
 SECRET_KEY = "web-session-secret"  # noqa: S105 - the settings row's name, not a secret
 WINDOW_SECONDS = 15 * 60
@@ -32,12 +29,6 @@ WINDOW_SECONDS = 15 * 60
 def session_secret(store: Store) -> str:
     """The store's session-signing key, made on first use (every console of the site shares it)."""
     return store.setting_once(SECRET_KEY, secrets.token_urlsafe(48))
-
-
-def rotate_session_secret(store: Store) -> None:
-    """A new signing key: every session of every console ends (they restart to read it)."""
-    with store.engine.begin() as conn:
-        conn.execute(update(settings).where(settings.c.key == SECRET_KEY).values(value=secrets.token_urlsafe(48)))
 
 
 def new_token() -> str:
