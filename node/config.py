@@ -158,16 +158,69 @@ class ModelSettings(_Section):
     threads: Annotated[int, Field(ge=0, le=256)] = 0  # CPU threads for onnxruntime; 0 lets it decide
 
 
+#: The result objects the node writes, by the name config uses (``destinations[].objects``).
+ObjectKind = Literal["sc", "sr", "seg", "kos"]
+OBJECT_KINDS: tuple[ObjectKind, ...] = ("sc", "sr", "seg", "kos")
+
+
 class Destination(_Section):
-    """A DICOM peer that receives the results (usually the PACS); ``tls_ca`` set = send over DICOM TLS."""
+    """A peer that receives the results (usually the PACS).
+
+    ``kind: dimse`` (C-STORE to ``ae_title@host:port``; ``tls_ca`` set = DICOM TLS) or ``kind: dicomweb``
+    (STOW-RS to ``url``, e.g. ``https://pacs/dicom-web``; ``tls_ca`` verifies its certificate, ``username``
+    with ``password_file`` = HTTP basic authentication). ``objects``: which of the node's objects it gets
+    (a PACS that refuses SEG: ``[sc, sr, kos]``).
+    """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    ae_title: AETitle
-    host: Annotated[str, Field(min_length=1)]
-    port: Port
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: AETitle = "PACS"  # dimse: all three required
+    host: str = ""
+    port: Port = 104
+    url: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    objects: list[ObjectKind] = Field(default_factory=lambda: list(OBJECT_KINDS), min_length=1)
     tls_ca: Path | None = None  # CA that signed the destination's certificate
     tls_cert: Path | None = None  # our client certificate and key, when the destination asks for one
     tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _where(self) -> Destination:
+        missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
+        if self.kind == "dimse" and missing:
+            raise ValueError(f"{', '.join(missing)} for a dimse destination")
+        if self.kind == "dicomweb" and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError("a url (http:// or https://, e.g. https://pacs.example/dicom-web) "
+                             "for a dicomweb destination")
+        if self.password_file is not None and not self.username:
+            raise ValueError("a username with password_file")
+        return self
+
+    @property
+    def where(self) -> str:
+        """How logs, job reasons and queue show name this destination."""
+        if self.kind == "dicomweb":
+            return f"{self.name} ({self.url})"
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+class OutputSettings(_Section):
+    """What the node writes for each result (which of them a destination gets: ``destinations[].objects``)."""
+
+    seg: bool = True  # DICOM Segmentation of the attention map (node/outputs/seg.py)
+    seg_floor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # attention probability below which a pixel is 0
+    seg_binary_threshold: Annotated[float, Field(gt=0, lt=1)] | None = None  # a second, BINARY SEG at this value
+    kos: bool = True  # Key Object Selection: key images and the results
+    # The SR's procedure reported: the site's code for the exam, as "value^scheme^meaning"
+    # (e.g. from its RIS); empty: LOINC 25045-6 "CT unspecified body region".
+    procedure_code: Annotated[str, Field(pattern=r"^$|^[^^]+\^[^^]+\^[^^]+$")] = ""
+
+    @model_validator(mode="after")
+    def _threshold_above_floor(self) -> OutputSettings:
+        if self.seg_binary_threshold is not None and self.seg_binary_threshold < self.seg_floor:
+            raise ValueError(f"seg_binary_threshold at least seg_floor ({self.seg_floor})")
+        return self
 
 
 class TriageSettings(_Section):
@@ -278,6 +331,7 @@ class Config(_Section):
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=_default_destinations)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
     triage: TriageSettings = Field(default_factory=TriageSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
@@ -365,7 +419,7 @@ def _describe(exc: ValidationError, source: str) -> str:
 
 
 PATH_KEYS = ("storage.root", "model.bundle", "node.tls.cert", "node.tls.key", "node.tls.ca")
-DESTINATION_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+DESTINATION_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key", "password_file")
 
 
 def _resolve(mapping: Any, key: str, base: Path) -> None:

@@ -1,17 +1,22 @@
 """Sending results: C-STORE to a destination, every status checked.
 
 ``send_files`` opens one association to a destination, proposes each file's SOP class in the file's
-own transfer syntax (plus Explicit VR Little Endian), sends them, and returns the SOP Instance UIDs
-the destination acknowledged. A refused association, a status that is not success or a warning, or a
-network error raises ``SendError`` naming the destination and the status; what was acknowledged
-before that is still reported in the error, so a retry sends only the rest.
+own transfer syntax (plus Explicit VR Little Endian), sends them, and returns a ``Delivery``: the SOP
+Instance UIDs the destination acknowledged, and the SOP classes it refused at negotiation (not sent:
+a PACS that does not take Segmentation Storage will not take it on the next attempt either; the
+worker reports them by name). An instance in a compressed syntax the destination did not accept
+goes decompressed when it accepted Explicit VR Little Endian. A refused association, a status that
+is not success or a warning, or a network error raises ``SendError`` naming the destination and the
+status; what was acknowledged before that is still reported in the error, so a retry sends only the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -30,6 +35,21 @@ LOW, MEDIUM, HIGH = 2, 0, 1
 #: C-STORE warning statuses: the instance was stored (PS3.4 B.2.3).
 WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
             0xB007: "data set does not match SOP class"}
+
+
+@dataclass
+class Delivery:
+    """What one destination took: acknowledged SOP Instance UIDs, and refused SOP classes (name: instances)."""
+
+    acknowledged: list[str] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = f"{len(self.acknowledged)} objects"
+        if self.refused:
+            text += "; refused by the destination, not sent: " + ", ".join(
+                f"{name} ({n})" for name, n in sorted(self.refused.items()))
+        return text
 
 
 class SendError(NodeError):
@@ -61,7 +81,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: fl
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     ae.add_requested_context(Verification)
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    where = destination.where
     start = time.perf_counter()
     tls_args = (client_tls_context(destination), destination.host) if destination.tls_ca else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
@@ -78,8 +98,8 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: fl
 
 
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-               timeout_seconds: float = 30.0, priority: int = MEDIUM) -> list[str]:
-    """C-STORE ``paths`` to ``destination``; returns the acknowledged SOP Instance UIDs (all of them)."""
+               timeout_seconds: float = 30.0, priority: int = MEDIUM) -> Delivery:
+    """C-STORE ``paths`` to ``destination``; returns what it acknowledged and which SOP classes it refused."""
     datasets = []
     for p in paths:
         try:
@@ -89,17 +109,28 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
-    for sop_class in {c for c, _ in contexts}:
-        syntaxes = sorted({ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian})
-        ae.add_requested_context(sop_class, syntaxes)
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    # One presentation context per (class, syntax): a peer picks one syntax per context, so a compressed
+    # file proposed beside Explicit VR Little Endian in one context would always go uncompressed.
+    for sop_class, syntax in sorted(contexts | {(c, ExplicitVRLittleEndian) for c, _ in contexts}):
+        ae.add_requested_context(sop_class, [syntax])
+    where = destination.where
     tls_args = (client_tls_context(destination), destination.host) if destination.tls_ca else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}", [])
     acknowledged: list[str] = []
+    refused: Counter[str] = Counter()
     try:
         for ds in datasets:
+            accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                        if str(cx.abstract_syntax) == str(ds.SOPClassUID)}
+            if not accepted:
+                refused[ds.SOPClassUID.name] += 1
+                log.warning("%s refused %s: %s not sent", where, ds.SOPClassUID.name, ds.SOPInstanceUID)
+                continue
+            if str(ds.file_meta.TransferSyntaxUID) not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
+                # the destination takes the class, not this compression: send it plain (the same instance)
+                ds.decompress(generate_instance_uid=False)
             status = assoc.send_c_store(ds, priority=priority)
             code = int(getattr(status, "Status", -1)) if status else -1
             if code == SUCCESS or code in WARNINGS:
@@ -112,4 +143,4 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     finally:
         if assoc.is_established:
             assoc.release()
-    return acknowledged
+    return Delivery(acknowledged, dict(refused))

@@ -3,8 +3,10 @@
 Outcomes are job states with a reason: ``done`` (the summary is stored as JSON, no patient data),
 ``skipped`` (no series qualifies, with the selection's reason) or ``failed`` (what went wrong). A
 lease is renewed while the model runs; a worker that dies loses its lease and another takes the
-job up. Results (SC + SR) go to every destination, C-STORE priority HIGH when PE is suspected; the
-triage priority (``node/triage.py``) and the notifications (``node/notify``) are recorded with them.
+job up. Results (SEG, SR, SC, KOS: ``outputs``) go to every destination, each taking the objects it
+names, by C-STORE (priority HIGH when PE is suspected) or STOW-RS; a SOP class a destination refuses
+is noted in its delivery, not retried. The triage priority (``node/triage.py``) and the
+notifications (``node/notify``) are recorded with them.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 
-from node.config import Destination, NotifySettings, TriageSettings
+from node.config import Destination, NotifySettings, OutputSettings, TriageSettings
+from node.delivery import deliver
 from node.errors import NodeError
 from node.inference import Engine
 from node.outputs import for_outputs
 from node.outputs.uids import result_key
-from node.scu import HIGH, MEDIUM, SendError, send_files
+from node.scu import HIGH, MEDIUM, SendError
 from node.selection import SeriesRules, choose_ctpa
 from node.series import SeriesError, SeriesIndex, SliceError, check_spacing, index_series, screen_pixels, source_slice
 from node.storage_mark import StorageMark
@@ -54,6 +57,12 @@ def _sr_reference(study_instance_uid: str, sr: dict):
     return ds
 
 
+def _read_header(path: Path):
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
 def _left_out(excluded: list) -> str:
     return f"; {len(excluded)} instance(s) left out (queue show lists them)" if excluded else ""
 
@@ -71,7 +80,8 @@ class Worker:
                  destinations: Sequence[Destination] = (), ae_title: str = "PETRIAGE",
                  rules: SeriesRules | None = None, max_gap_factor: float = 1.5,
                  triage: TriageSettings | None = None, notify: NotifySettings | None = None,
-                 node_name: str | None = None, storage_mark: StorageMark | None = None):
+                 node_name: str | None = None, storage_mark: StorageMark | None = None,
+                 outputs: OutputSettings | None = None):
         self.store, self.engine, self.storage_mark = store, engine, storage_mark
         self._mark_missing_logged = False
         self.node_name = node_name or socket.gethostname()
@@ -80,6 +90,7 @@ class Worker:
         self.outbox_root, self.destinations, self.ae_title = outbox_root, list(destinations), ae_title
         self.rules, self.max_gap_factor = rules or SeriesRules(), max_gap_factor
         self.triage, self.notify = triage or TriageSettings(), notify or NotifySettings()
+        self.outputs = outputs or OutputSettings()
         self._last_beat = 0.0
 
     def run_once(self) -> dict | None:
@@ -222,18 +233,35 @@ class Worker:
 
     def _write_outputs(self, job_id: int, analysis, index: SeriesIndex, headers: dict, model_id: str,
                        predecessors: list) -> tuple[Path, dict]:
-        """SR + SC into the outbox; ``index`` is the analysed series, ``headers`` its files' headers by path.
-        Returns the outbox and the SR's reference (what a later, changed report names as its predecessor)."""
+        """SEG, SR, SC and KOS into the outbox; ``index`` is the analysed series, ``headers`` its files' headers
+        by path. Returns the outbox and the SR's reference (what a later, changed report names as its predecessor)."""
+        from node.outputs.kos import make_kos
         from node.outputs.sc import make_sc_series
-        from node.outputs.sr import make_sr
+        from node.outputs.seg import make_seg
+        from node.outputs.sr import PROCEDURE, make_sr
         from node.spool import write_atomic
 
         assert self.outbox_root is not None
-        manifest = self.engine.bundle.manifest
+        manifest, o = self.engine.bundle.manifest, self.outputs
         sources = [source_slice(index, k.index, headers.get(index.paths[k.index])) for k in analysis.key_slices]
-        sr = make_sr(analysis, [s.dataset for s in sources], model_sha256=model_id, predecessors=predecessors)
-        objects = [sr, *make_sc_series(analysis, sources, model_sha256=model_id, spec=manifest.spec(),
-                                       cam_stride=manifest.cam_stride)]
+        keys = [s.dataset for s in sources]
+        segs = []
+        if o.seg:
+            segs = make_seg(analysis, index, [headers.get(p) or _read_header(p) for p in index.paths],
+                            model_sha256=model_id, spec=manifest.spec(), cam_stride=manifest.cam_stride,
+                            floor=o.seg_floor, binary_threshold=o.seg_binary_threshold)
+        procedure = PROCEDURE
+        if o.procedure_code:
+            from pydicom.sr.coding import Code
+
+            procedure = Code(*o.procedure_code.split("^"))
+        sr = make_sr(analysis, keys, model_sha256=model_id, predecessors=predecessors,
+                     segmentation=segs[0] if segs else None, procedure=procedure)
+        sc = make_sc_series(analysis, sources, model_sha256=model_id, spec=manifest.spec(),
+                            cam_stride=manifest.cam_stride)
+        objects = [*segs, sr, *sc]
+        if o.kos:
+            objects.append(make_kos(analysis, keys, [sr, *sc, *segs], model_sha256=model_id))
         outbox = self.outbox_root / analysis.study_instance_uid / f"job-{job_id}"
         for obj in objects:
             buffer = BytesIO()
@@ -246,7 +274,7 @@ class Worker:
         job_id, uid = job["id"], job["study_instance_uid"]
         files = sorted(Path(job["outbox"]).glob("*.dcm"))
         delivered = set(json.loads(job.get("delivered") or "[]"))
-        problems = []
+        problems, refused = [], []
         summary = json.loads(job["result"])
         urgent = bool(summary.get("positive"))
         for dest in self.destinations:
@@ -256,17 +284,20 @@ class Worker:
                 log.warning("job %d: cancelled or taken over before sending to %s", job_id, dest.name)
                 return {"id": job_id, "study_instance_uid": uid, "state": "lost", "reason": "lease lost"}
             try:
-                acknowledged = send_files(files, dest, calling_ae_title=self.ae_title,
-                                          priority=HIGH if urgent else MEDIUM)
+                delivery = deliver(files, dest, calling_ae_title=self.ae_title, priority=HIGH if urgent else MEDIUM)
+                how = "STOW-RS" if dest.kind == "dicomweb" else f"priority {'HIGH' if urgent else 'MEDIUM'}"
                 self.store.mark_delivered(job_id, dest.name, self.clock(),
-                                          f"{len(acknowledged)} objects ({dest.ae_title}@{dest.host}:{dest.port}, "
-                                          f"priority {'HIGH' if urgent else 'MEDIUM'}): " + ", ".join(acknowledged))
+                                          f"{dest.where}, {how}: {delivery.describe()}: "
+                                          + ", ".join(delivery.acknowledged))
+                if delivery.refused:
+                    refused.append(f"{dest.name} refused " + ", ".join(sorted(delivery.refused)))
                 delivered.add(dest.name)
             except (SendError, OSError) as exc:
                 problems.append(str(exc))
         base = f"{summary['decision']}, probability {summary['probability']:.3f}"
         if not problems:
-            return self._finish(job_id, uid, JobState.DONE, f"{base}; sent to {', '.join(sorted(delivered))}",
+            return self._finish(job_id, uid, JobState.DONE, f"{base}; sent to {', '.join(sorted(delivered))}"
+                                + "".join(f"; {r} (not sent; see destinations[].objects)" for r in refused),
                                 job.get("result"))
         attempts = int(job.get("send_attempts") or 0) + 1
         if attempts >= MAX_SEND_ATTEMPTS:

@@ -1,4 +1,4 @@
-"""The node end to end: Orthanc (the PACS) C-STOREs a phantom study to the node; SC + SR come back."""
+"""The node end to end: Orthanc (the PACS) C-STOREs a phantom study to the node; SEG, SR, SC and KOS come back."""
 
 from __future__ import annotations
 
@@ -57,15 +57,27 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
         node.stop()
     series = orthanc.get(f"/studies/{orthanc_study}/series?expand")
     modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
-    assert modalities.count("SR") == 1 and modalities.count("OT") == 1, modalities  # SR + SC (modality OT)
-    results = [s for s in series if s["MainDicomTags"].get("Modality") in ("SR", "OT")]
-    assert sum(len(s["Instances"]) for s in results) == 1 + 2 + 1  # SR, model.key_images = 2 key images, summary
+    # CT (+ the localizer) from the modality; SR, SC (modality OT), SEG and KOS (KO) from the node
+    assert [modalities.count(m) for m in ("SR", "OT", "SEG", "KO")] == [1, 1, 1, 1], modalities
+    results = [s for s in series if s["MainDicomTags"].get("Modality") in ("SR", "OT", "SEG", "KO")]
+    assert sum(len(s["Instances"]) for s in results) == 1 + 2 + 1 + 1 + 1  # SR, 2 key images + summary, SEG, KOS
+    held = {i["MainDicomTags"]["SOPInstanceUID"]: i for i in orthanc.get(f"/studies/{orthanc_study}/instances")}
+    received = {}
     for s in results:
         for instance in s["Instances"]:
             path = tmp_path / f"{instance}.dcm"
             path.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
             assert not dciodvfy(path).errors
-            assert pydicom.dcmread(path).StudyInstanceUID == uid
+            ds = pydicom.dcmread(path)
+            assert ds.StudyInstanceUID == uid
+            received[ds.Modality] = ds
+    seg, kos, sr = received["SEG"], received["KO"], received["SR"]
+    for item in seg.PerFrameFunctionalGroupsSequence:  # each SEG frame derives from a CT image Orthanc holds
+        assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID in held
+    assert seg.SOPInstanceUID in {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _image_references(sr)}
+    flagged = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos.ContentSequence
+               if i.ValueType in ("IMAGE", "COMPOSITE")}
+    assert flagged <= set(held) and {sr.SOPInstanceUID, seg.SOPInstanceUID} <= flagged
 
 
 def _pacs(tmp_path):
@@ -183,14 +195,18 @@ def test_an_enhanced_ct_from_a_modality_is_analysed_and_the_results_reference_it
     assert result["slices"] == DATA.slices and "frames of Legacy Converted Enhanced CT" in result["series"]["reason"]
     assert all(k["frame_number"] >= 1 for k in result["key_slices"])
     received = [pydicom.dcmread(p) for p in (tmp_path / "pacs" / "spool").rglob("*.dcm")]
-    sr = next(ds for ds in received if ds.Modality == "SR")
-    assert not dciodvfy(next(p for p in (tmp_path / "pacs" / "spool").rglob("*.dcm")
-                             if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")).errors
-    frames = sorted(int(item.ReferencedSOPSequence[0].ReferencedFrameNumber)
-                    for item in _image_references(sr))
-    assert frames == sorted(k["frame_number"] for k in result["key_slices"])
+    for p in (tmp_path / "pacs" / "spool").rglob("*.dcm"):
+        assert not dciodvfy(p).errors, p
+    frames = sorted(k["frame_number"] for k in result["key_slices"])
+    kos = next(ds for ds in received if ds.Modality == "KO")
+    image = next(i for i in kos.ContentSequence if i.ValueType == "IMAGE")
+    named = image.ReferencedSOPSequence[0].ReferencedFrameNumber
+    assert sorted(int(f) for f in (named if isinstance(named, pydicom.multival.MultiValue) else [named])) == frames
     key_images = [ds for ds in received if ds.Modality == "OT" and "SourceImageSequence" in ds]
     assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in key_images) == frames
+    seg = next(ds for ds in received if ds.Modality == "SEG")
+    assert all(int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) >= 1
+               for item in seg.PerFrameFunctionalGroupsSequence)  # the SEG's frames name the source frames
 
 
 def _image_references(sr: pydicom.Dataset) -> list[pydicom.Dataset]:

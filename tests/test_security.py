@@ -91,7 +91,7 @@ def test_results_go_to_a_tls_destination_which_is_verified_against_its_ca(pki, t
         good = Destination(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port,
                            tls_ca=pki["ca_crt"], tls_cert=pki["client_crt"], tls_key=pki["client_key"])
         assert echo(good, calling_ae_title="PETRIAGE") > 0
-        assert len(send_files(files, good, calling_ae_title="PETRIAGE")) == len(files)
+        assert len(send_files(files, good, calling_ae_title="PETRIAGE").acknowledged) == len(files)
         plain = good.model_copy(update={"tls_ca": None, "tls_cert": None, "tls_key": None})
         with pytest.raises(SendError, match="association failed"):
             send_files(files, plain, calling_ae_title="PETRIAGE")

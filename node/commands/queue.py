@@ -345,26 +345,36 @@ DestArg = Annotated[str, typer.Argument(help="A destination name from the config
 
 
 def echo_cmd(ctx: typer.Context, dest: DestArg) -> None:
-    """C-ECHO a destination (is the PACS reachable and does it accept us?)."""
+    """C-ECHO a destination, or query a DICOMweb one (is the PACS reachable and does it accept us?)."""
     from node.scu import echo
+    from node.stow import qido_ping
 
     cfg: Config = ctx.obj.config
     destination = _destination(cfg, dest)
+    if destination.kind == "dicomweb":
+        seconds = qido_ping(destination)
+        out.print(f"{destination.where}: QIDO-RS answered in {seconds * 1000:.0f} ms", highlight=False)
+        return
     seconds = echo(destination, calling_ae_title=cfg.node.ae_title)
-    out.print(f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}): C-ECHO success "
-              f"in {seconds * 1000:.0f} ms", highlight=False)
+    out.print(f"{destination.where}: C-ECHO success in {seconds * 1000:.0f} ms", highlight=False)
 
 
 def send_cmd(ctx: typer.Context,
              path: Annotated[Path, typer.Argument(help="A DICOM file or a folder of them.", exists=True)],
              to: Annotated[str, typer.Option("--to", help="Destination name, or AE@host:port.")]) -> None:
-    """C-STORE files to a destination (e.g. re-send a result from the outbox by hand)."""
+    """C-STORE (or STOW-RS, for a DICOMweb destination) files to a destination, e.g. a result from the outbox."""
     from node.scu import send_files
+    from node.stow import stow_files
 
     cfg: Config = ctx.obj.config
     destination = _destination(cfg, to)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise NodeError(f"{path}: no files")
-    acknowledged = send_files(files, destination, calling_ae_title=cfg.node.ae_title)
-    out.print(f"{len(acknowledged)} of {len(files)} instance(s) stored by {destination.name}")
+    if destination.kind == "dicomweb":
+        delivery = stow_files(files, destination)
+    else:
+        delivery = send_files(files, destination, calling_ae_title=cfg.node.ae_title)
+    out.print(f"{len(delivery.acknowledged)} of {len(files)} instance(s) stored by {destination.where}"
+              + ("; refused: " + ", ".join(f"{k} ({n})" for k, n in sorted(delivery.refused.items()))
+                 if delivery.refused else ""), highlight=False)

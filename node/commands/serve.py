@@ -51,7 +51,8 @@ def _worker_main(config_json: dict, lease_seconds: float) -> None:
     worker = Worker(store, engine, lease_seconds=lease_seconds, outbox_root=Path(cfg.storage.root) / "outbox",
                     destinations=cfg.destinations, ae_title=cfg.node.ae_title,
                     rules=SeriesRules.from_settings(cfg.series), max_gap_factor=cfg.series.max_gap_factor,
-                    triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name, storage_mark=mark)
+                    triage=cfg.triage, notify=cfg.notify, node_name=cfg.node.name, storage_mark=mark,
+                    outputs=cfg.outputs)
     worker.run_forever(stop, poll_seconds=0.5)
 
 
