@@ -3,6 +3,7 @@ a real Orthanc, and small phantom studies generated once per session."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,21 +81,31 @@ class OrthancServer:
             return resp.read()
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
-    """A real Orthanc on free loopback ports, with TCP_NODELAY=1 (DCMTK crawls without it)."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@contextlib.contextmanager
+def running_orthanc(folder: Path, *, dicomweb: bool = False, http_port: int | None = None,
+                    dicom_port: int | None = None) -> Iterator[OrthancServer]:
+    """A real Orthanc on loopback (free ports unless given), with TCP_NODELAY=1 (DCMTK crawls without it);
+    ``dicomweb``: with Debian's DICOMweb plugin, serving ``/dicom-web``."""
     require_peer(ORTHANC is not None, "Orthanc")
-    server = OrthancServer("ORTHANC", free_port(), free_port())
+    if dicomweb:
+        require_peer(DICOMWEB_PLUGIN.exists(), "Orthanc's DICOMweb plugin (orthanc-dicomweb)")
+    server = OrthancServer("ORTHANC", dicom_port or free_port(), http_port or free_port())
+    folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "Name": "petriage-test", "StorageDirectory": str(tmp_path / "orthanc-db"),
-        "IndexDirectory": str(tmp_path / "orthanc-db"), "DicomAet": server.ae_title,
+        "Name": "petriage-test", "StorageDirectory": str(folder / "orthanc-db"),
+        "IndexDirectory": str(folder / "orthanc-db"), "DicomAet": server.ae_title,
         "DicomPort": server.dicom_port, "HttpPort": server.http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomModalities": {}, "HttpServerEnabled": True, "StableAge": 1,
+        **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
     }
-    cfg = tmp_path / "orthanc.json"
+    cfg = folder / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    log = (tmp_path / "orthanc.log").open("w")
+    log = (folder / "orthanc.log").open("w")
     proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "TCP_NODELAY": "1"})
     try:
@@ -105,7 +116,7 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
                 break
             except OSError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (tmp_path / "orthanc.log").read_text()[-2000:]
+                    tail = (folder / "orthanc.log").read_text()[-2000:]
                     raise RuntimeError(f"Orthanc did not start: {tail}") from exc
                 time.sleep(0.2)
         yield server
@@ -116,6 +127,13 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A real Orthanc on free loopback ports."""
+    with running_orthanc(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

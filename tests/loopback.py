@@ -41,17 +41,22 @@ class Stored:
 
 @dataclass
 class RecordingPacs:
-    """A storage SCP that keeps every C-STORE it answers (duplicates included), with its request Priority."""
+    """A storage SCP that keeps every C-STORE it answers (duplicates included), with its request Priority.
+    It takes every storage SOP class but ``refuse`` (SOP Class UIDs), uncompressed only (pynetdicom's
+    default transfer syntaxes); ``datasets`` keeps what it received, by SOP Instance UID."""
 
     ae_title: str = "RECPACS"
+    refuse: tuple[str, ...] = ()
     received: list[Stored] = field(default_factory=list)
+    datasets: dict[str, pydicom.Dataset] = field(default_factory=dict)
     server: object = None
     port: int = 0
 
     def start(self, port: int, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> RecordingPacs:
         ae = AE(ae_title=self.ae_title)
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
+            if context.abstract_syntax not in self.refuse:
+                ae.add_supported_context(context.abstract_syntax)
         ae.add_supported_context(Verification)
         lock = threading.Lock()
 
@@ -61,6 +66,8 @@ class RecordingPacs:
                 self.received.append(Stored(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
                                             str(getattr(ds, "Modality", "")), int(event.request.Priority),
                                             time.monotonic()))
+                ds.file_meta = event.file_meta
+                self.datasets[str(ds.SOPInstanceUID)] = ds
             return 0x0000
 
         self.port = port

@@ -18,6 +18,8 @@ from pydicom.uid import UID
 from node.web.errors import WebError
 
 SKIP = {"Language of Content Item and Descendants", "Observer Type"}
+#: The pictures a person looks at are the Secondary Capture images; the SEG is for viewers that overlay it.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ def list_outbox(outbox: str | None) -> list[ResultObject]:
         except (OSError, ValueError, pydicom.errors.InvalidDicomError):
             continue
         found.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.get("SeriesDescription", "")),
-                                  int(ds.get("InstanceNumber", 0) or 0), "PixelData" in ds or "Rows" in ds))
+                                  int(ds.get("InstanceNumber", 0) or 0), str(ds.SOPClassUID) == SECONDARY_CAPTURE))
     return sorted(found, key=lambda o: (not o.is_image, o.series_description, o.instance_number))
 
 
@@ -52,7 +54,7 @@ def render_png(outbox: str | None, sop_instance_uid: str, max_size: int = 1024) 
     if not path.is_file():
         raise WebError("no such result image")
     ds = pydicom.dcmread(path)
-    if "PixelData" not in ds:
+    if "PixelData" not in ds or str(ds.SOPClassUID) != SECONDARY_CAPTURE:
         raise WebError("that result object is not an image")
     pixels = ds.pixel_array
     if pixels.ndim == 4:  # multi-frame colour: the first frame
