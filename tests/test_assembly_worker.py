@@ -224,5 +224,5 @@ def test_results_wait_in_the_outbox_and_are_sent_with_backoff_once_the_pacs_answ
     finally:
         server.shutdown()
     assert done["state"] == JobState.DONE and done["reason"].endswith("sent to pacs")
-    assert pacs_store.study(uid)["instances"] == 5  # SR + 3 key images + summary, in the same study
-    assert len(list((tmp_path / "outbox").rglob("*.dcm"))) == 5
+    assert pacs_store.study(uid)["instances"] == 7  # SEG, SR, 3 key images + summary, KOS: same study
+    assert len(list((tmp_path / "outbox").rglob("*.dcm"))) == 7

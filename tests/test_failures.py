@@ -56,7 +56,7 @@ def test_results_wait_while_the_pacs_is_down_and_arrive_once_each_in_order_when_
         pacs.stop()
     assert [j[-1]["state"] for j in jobs.values()] == [JobState.DONE, JobState.DONE]
     copies = Counter(s.sop_instance_uid for s in pacs.received)
-    assert len(copies) == 10 and set(copies.values()) == {1}  # 2 x (SR + 3 key images + summary), none twice
+    assert len(copies) == 14 and set(copies.values()) == {1}  # 2 x (SEG, SR, 3 SC + summary, KOS), none twice
     first_failure = {u: min(e["at"] for e in node.store.events_of(u) if e["kind"] == "send-retry") for u in uids}
     arrival = sorted(uids, key=lambda u: min(s.at for s in pacs.of_study(u)))
     assert arrival == sorted(uids, key=first_failure.__getitem__)  # the backlog leaves in the order it formed
@@ -172,7 +172,7 @@ def test_sigterm_requeues_the_running_job_when_it_cannot_finish_in_time_and_fini
         assert job["state"] == JobState.DONE and job["attempts"] == 2, job
     finally:
         pacs.stop()
-    assert len(pacs.of_study(uid)) == 5 and len({s.sop_instance_uid for s in pacs.received}) == 5
+    assert len(pacs.of_study(uid)) == 7 and len({s.sop_instance_uid for s in pacs.received}) == 7
 
 
 def _accepts(port: int) -> bool:

@@ -136,7 +136,7 @@ def test_a_worker_killed_mid_study_is_replaced_and_exactly_one_set_of_results_ar
         node.stop()
         pacs.shutdown()
     assert [j["state"] for j in jobs] == [JobState.DONE] and jobs[0]["attempts"] == 2
-    assert pacs_store.study(uid)["instances"] == 5  # one SR, 3 key images, one summary: one set
+    assert pacs_store.study(uid)["instances"] == 7  # SEG, SR, 3 key images, summary, KOS: one set
 
 
 def test_a_node_restarted_mid_transfer_keeps_every_stored_instance_and_analyses_once(tmp_path):
@@ -170,7 +170,7 @@ def test_a_node_restarted_mid_transfer_keeps_every_stored_instance_and_analyses_
         pacs.shutdown()
     assert [j["state"] for j in jobs] == [JobState.DONE]
     assert json.loads(jobs[0]["result"])["slices"] == len(paths)
-    assert pacs_store.study(uid)["instances"] == 5
+    assert pacs_store.study(uid)["instances"] == 7
 
 
 def test_an_enhanced_ct_from_a_modality_is_analysed_and_the_results_reference_its_frames(tmp_path):
