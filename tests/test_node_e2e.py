@@ -28,23 +28,23 @@ def _call(orthanc, method: str, path: str, body: object) -> object:
     return json.loads(text) if text else None
 
 
-def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tmp_path):
-    storescu = require_tool("storescu")
+def _through_orthanc(orthanc, tmp_path, files: list[str], uid: str) -> tuple[dict, dict, dict]:
+    """The modality sends ``files`` to Orthanc, Orthanc forwards the study to a node, the node sends its
+    results back to Orthanc. Returns (the job's result, the node's objects by modality, what Orthanc holds
+    by SOP Instance UID); each object passed dciodvfy and belongs to the study."""
     port = free_port()
     cfg = load_config(None, environ={}, overrides=[
         f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1", f"node.port={port}", "study.quiet_seconds=2",
         "study.max_wait_seconds=60", "model.device=cpu", "model.key_images=2", "metrics.port=0",
         f"destinations=[{{name: pacs, ae_title: {orthanc.ae_title}, host: 127.0.0.1, port: {orthanc.dicom_port}}}]"])
-    study = generate_study(930001, pe=True, options=DATA)
-    write_study(study, tmp_path / "in")
-    subprocess.run([storescu, "-aec", orthanc.ae_title, "+sd", "+r", "127.0.0.1", str(orthanc.dicom_port),
-                    str(tmp_path / "in")], check=True, timeout=120, env={"TCP_NODELAY": "1"})
+    # -R: propose the files' own SOP classes (storescu's default list lacks the Enhanced CT ones)
+    subprocess.run([require_tool("storescu"), "-R", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port),
+                    *files], check=True, timeout=120, env={"TCP_NODELAY": "1"})
     _call(orthanc, "PUT", "/modalities/petriage", {"AET": cfg.node.ae_title, "Host": "127.0.0.1", "Port": port})
     orthanc_study = orthanc.get("/studies")[0]
     node = Node(cfg, sweep_seconds=0.5, stop_timeout=30)
     try:
         _call(orthanc, "POST", "/modalities/petriage/store", {"Resources": [orthanc_study], "Synchronous": True})
-        uid = study.identity.study_instance_uid
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             jobs = node.store.jobs_of(uid)
@@ -62,7 +62,7 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
     results = [s for s in series if s["MainDicomTags"].get("Modality") in ("SR", "OT", "SEG", "KO")]
     assert sum(len(s["Instances"]) for s in results) == 1 + 2 + 1 + 1 + 1  # SR, 2 key images + summary, SEG, KOS
     held = {i["MainDicomTags"]["SOPInstanceUID"]: i for i in orthanc.get(f"/studies/{orthanc_study}/instances")}
-    received = {}
+    received: dict[str, list[pydicom.Dataset]] = {}
     for s in results:
         for instance in s["Instances"]:
             path = tmp_path / f"{instance}.dcm"
@@ -70,14 +70,47 @@ def test_orthanc_forwards_a_study_and_receives_the_sr_and_key_images(orthanc, tm
             assert not dciodvfy(path).errors
             ds = pydicom.dcmread(path)
             assert ds.StudyInstanceUID == uid
-            received[ds.Modality] = ds
-    seg, kos, sr = received["SEG"], received["KO"], received["SR"]
+            received.setdefault(ds.Modality, []).append(ds)
+    seg, kos, sr = received["SEG"][0], received["KO"][0], received["SR"][0]
     for item in seg.PerFrameFunctionalGroupsSequence:  # each SEG frame derives from a CT image Orthanc holds
         assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID in held
     assert seg.SOPInstanceUID in {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _image_references(sr)}
     flagged = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos.ContentSequence
                if i.ValueType in ("IMAGE", "COMPOSITE")}
     assert flagged <= set(held) and {sr.SOPInstanceUID, seg.SOPInstanceUID} <= flagged
+    for image in received["OT"]:  # key images name their source CT; the summary names none
+        if "SourceImageSequence" in image:
+            assert image.SourceImageSequence[0].ReferencedSOPInstanceUID in held
+    return json.loads(jobs[-1]["result"]), received, held
+
+
+def test_orthanc_forwards_a_study_and_ends_up_holding_ct_sc_sr_seg_and_kos(orthanc, tmp_path):
+    study = generate_study(930001, pe=True, options=DATA)
+    write_study(study, tmp_path / "in")
+    files = [str(p) for p in sorted((tmp_path / "in").rglob("*.dcm"))]
+    result, received, held = _through_orthanc(orthanc, tmp_path, files, study.identity.study_instance_uid)
+    assert {k["sop_instance_uid"] for k in result["key_slices"]} <= set(held)
+
+
+def test_orthanc_forwards_an_enhanced_ct_and_the_results_it_holds_reference_its_frames(orthanc, tmp_path):
+    study = generate_study(930005, pe=True, options=DATA)
+    paths = write_study(study, tmp_path / "in")
+    multi = to_multi_frame(paths["ctpa"][0].parent, tmp_path / "mf")
+    result, received, held = _through_orthanc(orthanc, tmp_path, [str(multi), *map(str, paths["localizer"])],
+                                              study.identity.study_instance_uid)
+    frames = sorted(k["frame_number"] for k in result["key_slices"])
+    assert "frames of Legacy Converted Enhanced CT" in result["series"]["reason"] and all(f >= 1 for f in frames)
+    source = str(pydicom.dcmread(multi, stop_before_pixels=True).SOPInstanceUID)
+    assert source in held
+    seg = received["SEG"][0]
+    refs = [item.DerivationImageSequence[0].SourceImageSequence[0] for item in seg.PerFrameFunctionalGroupsSequence]
+    assert {r.ReferencedSOPInstanceUID for r in refs} == {source} and all(int(r.ReferencedFrameNumber) >= 1
+                                                                          for r in refs)
+    image = next(i for i in received["KO"][0].ContentSequence if i.ValueType == "IMAGE")
+    named = image.ReferencedSOPSequence[0].ReferencedFrameNumber
+    assert sorted(int(f) for f in (named if isinstance(named, pydicom.multival.MultiValue) else [named])) == frames
+    key_images = [ds for ds in received["OT"] if "SourceImageSequence" in ds]
+    assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in key_images) == frames
 
 
 def _pacs(tmp_path):
