@@ -3,6 +3,7 @@ a real Orthanc, and small phantom studies generated once per session."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -67,17 +68,25 @@ class OrthancServer:
     ae_title: str
     dicom_port: int
     http_port: int
+    login: tuple[str, str] | None = None  # HTTP basic authentication, when Orthanc asks for it
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def _request(self, path: str) -> urllib.request.Request:
+        req = urllib.request.Request(self.url + path)  # noqa: S310 - loopback only
+        if self.login:
+            token = base64.b64encode(f"{self.login[0]}:{self.login[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        return req
+
     def get(self, path: str) -> object:
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(self._request(path), timeout=10) as resp:  # noqa: S310 - loopback only
             return json.loads(resp.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:  # noqa: S310
+        with urllib.request.urlopen(self._request(path), timeout=30) as resp:  # noqa: S310
             return resp.read()
 
 
@@ -86,19 +95,21 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 @contextlib.contextmanager
 def running_orthanc(folder: Path, *, dicomweb: bool = False, http_port: int | None = None,
-                    dicom_port: int | None = None) -> Iterator[OrthancServer]:
+                    dicom_port: int | None = None, users: dict[str, str] | None = None) -> Iterator[OrthancServer]:
     """A real Orthanc on loopback (free ports unless given), with TCP_NODELAY=1 (DCMTK crawls without it);
-    ``dicomweb``: with Debian's DICOMweb plugin, serving ``/dicom-web``."""
+    ``dicomweb``: with Debian's DICOMweb plugin, serving ``/dicom-web``; ``users``: HTTP basic
+    authentication with these users (the fixture's own calls use the first)."""
     require_peer(ORTHANC is not None, "Orthanc")
     if dicomweb:
         require_peer(DICOMWEB_PLUGIN.exists(), "Orthanc's DICOMweb plugin (orthanc-dicomweb)")
-    server = OrthancServer("ORTHANC", dicom_port or free_port(), http_port or free_port())
+    server = OrthancServer("ORTHANC", dicom_port or free_port(), http_port or free_port(),
+                           next(iter(users.items())) if users else None)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "petriage-test", "StorageDirectory": str(folder / "orthanc-db"),
         "IndexDirectory": str(folder / "orthanc-db"), "DicomAet": server.ae_title,
         "DicomPort": server.dicom_port, "HttpPort": server.http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {}, "DicomCheckCalledAet": False,
         "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomModalities": {}, "HttpServerEnabled": True, "StableAge": 1,
         **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),

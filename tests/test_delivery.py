@@ -4,6 +4,7 @@ when it is back. Every peer is real: pynetdicom storage SCPs on loopback, Orthan
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pydicom
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import free_port, running_orthanc
 from loopback import RecordingPacs, storescu, wait_for, write_config
-from node.cli import app
+from node.cli import app, main
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import PhantomOptions, generate_study, write_study
@@ -104,3 +105,32 @@ def test_stow_rs_to_orthanc_dicomweb_waits_while_it_is_down_and_delivers_everyth
     assert "send-retry" in kinds  # the failed attempt is on the study's record
     delivered = [e["detail"] for e in node.store.events_of(uid) if e["kind"] == "delivered"]
     assert len(delivered) == 1 and "STOW-RS: 7 objects" in delivered[0], delivered
+
+
+def test_stow_rs_with_basic_authentication_stores_and_a_wrong_password_waits_with_the_http_status(tmp_path, capsys):
+    http_port = free_port()
+    (tmp_path / "right").write_text("s3cret-stow\n")
+    (tmp_path / "wrong").write_text("guess\n")
+    url = f"http://127.0.0.1:{http_port}/dicom-web"
+    path = write_config(tmp_path, destinations=[
+        {"name": "good", "kind": "dicomweb", "url": url, "username": "petriage", "password_file": "right"},
+        {"name": "bad", "kind": "dicomweb", "url": url, "username": "petriage", "password_file": "wrong"}])
+    cfg = load_config(path, environ={})
+    uid = _study(tmp_path, 950004)
+    with running_orthanc(tmp_path / "orthanc", dicomweb=True, http_port=http_port,
+                         users={"petriage": "s3cret-stow"}) as orthanc:
+        node = Node(cfg, sweep_seconds=0.2, stop_timeout=60)
+        try:
+            storescu(cfg, tmp_path / "in-950004")
+            job = wait_for(node, [uid], states=(JobState.SENDING,))[uid][-1]
+        finally:
+            node.stop()
+        stored = orthanc.get("/instances")
+        capsys.readouterr()
+        good = main(["--config", str(path), "echo", "good"]), capsys.readouterr()
+        bad = main(["--config", str(path), "echo", "bad"]), capsys.readouterr()
+    assert good[0] == 0 and "QIDO-RS answered" in good[1].out, good
+    assert bad[0] == 1 and "HTTP 401" in bad[1].err and "Traceback" not in bad[1].err, bad
+    assert "bad (" in job["reason"] and "HTTP 401" in job["reason"], job  # the wrong password, named
+    assert json.loads(job["delivered"]) == ["good"]  # the right one delivered, and will not be sent again
+    assert len(stored) == 7
