@@ -105,8 +105,9 @@ def make_seg(result: StudyResult, index: SeriesIndex, headers: Sequence[pydicom.
         for i, f in enumerate(frames):
             full[int(f or 0) - 1] = probability[i]
         sources, pixels = [for_outputs(headers[0])], full
-    else:
-        sources, pixels = [for_outputs(ds) for ds in headers], probability
+    else:  # only the slices with a frame: highdicom then checks and encodes no empty ones
+        kept = [i for i in range(n) if probability[i].any()]
+        sources, pixels = [for_outputs(headers[i]) for i in kept], probability[kept]
     out = [_segmentation(result, sources, pixels, series, output_uid(uid, digest, "seg", 1), 1, manufacturer,
                          hd.seg.SegmentationTypeValues.FRACTIONAL, model_sha256)]
     if binary_threshold is not None and (pixels >= binary_threshold).any():
