@@ -97,15 +97,21 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: fl
     return time.perf_counter() - start
 
 
-def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-               timeout_seconds: float = 30.0, priority: int = MEDIUM) -> Delivery:
-    """C-STORE ``paths`` to ``destination``; returns what it acknowledged and which SOP classes it refused."""
-    datasets = []
+def read_files(paths: Sequence[Path]) -> list[pydicom.FileDataset]:
+    """The data sets to send, or SendError naming the first file that is not readable DICOM."""
+    datasets: list[pydicom.FileDataset] = []
     for p in paths:
         try:
             datasets.append(pydicom.dcmread(p))
         except (InvalidDicomError, OSError) as exc:
             raise SendError(f"{Path(p).name}: not a readable DICOM file ({exc})", []) from exc
+    return datasets
+
+
+def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
+               timeout_seconds: float = 30.0, priority: int = MEDIUM) -> Delivery:
+    """C-STORE ``paths`` to ``destination``; returns what it acknowledged and which SOP classes it refused."""
+    datasets = read_files(paths)
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from node.config import Destination
-from node.scu import Delivery, SendError
+from node.scu import Delivery, SendError, read_files
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,7 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout_secon
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    datasets = []
-    for p in paths:
-        try:
-            datasets.append(pydicom.dcmread(p))
-        except (InvalidDicomError, OSError) as exc:
-            raise SendError(f"{Path(p).name}: not a readable DICOM file ({exc})", []) from exc
+    datasets = read_files(paths)
     if not datasets:
         return Delivery()
     where = destination.where

@@ -46,6 +46,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+def pixelmed_sr_check(path: Path) -> str:
+    """PixelMed's DicomSRValidator (its template checks, TID 1500 included) on one SR file: its report."""
+    require_peer(PIXELMED_JAR.exists(), "PixelMed (pixelmed-apps)")
+    proc = subprocess.run([require_tool("java"), "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
+                           "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED_JAR),
+                           "com.pixelmed.validate.DicomSRValidator", str(path)], capture_output=True, text=True,
+                          timeout=300)
+    return proc.stdout + proc.stderr
+
+
 def to_multi_frame(series_dir: Path, out: Path) -> Path:
     """A series as one Legacy Converted Enhanced CT instance, made by PixelMed (a converter no one here wrote)."""
     require_peer(PIXELMED_JAR.exists(), "PixelMed (pixelmed-apps)")

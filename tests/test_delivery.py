@@ -29,24 +29,30 @@ def _study(tmp_path, seed: int) -> str:
     return study.identity.study_instance_uid
 
 
+def _analysed(path, tmp_path, seed: int, *peers: tuple[RecordingPacs, int]) -> tuple[str, dict]:
+    """Start ``peers`` (PACS, port), send the phantom study ``seed`` to a node configured by ``path``;
+    the study's UID and its last job once it is final."""
+    cfg = load_config(path, environ={})
+    uid = _study(tmp_path, seed)
+    for pacs, port in peers:
+        pacs.start(port)
+    node = Node(cfg, sweep_seconds=0.2, stop_timeout=60)
+    try:
+        storescu(cfg, tmp_path / f"in-{seed}")
+        return uid, wait_for(node, [uid])[uid][-1]
+    finally:
+        node.stop()
+        for pacs, _ in peers:
+            pacs.stop()
+
+
 def test_a_pacs_that_refuses_seg_gets_the_rest_once_and_queue_show_names_the_refused_class(tmp_path):
     refusing, plain = RecordingPacs(ae_title="NOSEG", refuse=(SEGMENTATION,)), RecordingPacs(ae_title="PLAIN")
     ports = free_port(), free_port()
     path = write_config(tmp_path, destinations=[
         {"name": "noseg", "ae_title": "NOSEG", "host": "127.0.0.1", "port": ports[0]},
         {"name": "plain", "ae_title": "PLAIN", "host": "127.0.0.1", "port": ports[1]}])
-    cfg = load_config(path, environ={})
-    uid = _study(tmp_path, 950001)
-    refusing.start(ports[0])
-    plain.start(ports[1])
-    node = Node(cfg, sweep_seconds=0.2, stop_timeout=60)
-    try:
-        storescu(cfg, tmp_path / "in-950001")
-        job = wait_for(node, [uid])[uid][-1]
-    finally:
-        node.stop()
-        refusing.stop()
-        plain.stop()
+    uid, job = _analysed(path, tmp_path, 950001, (refusing, ports[0]), (plain, ports[1]))
     assert job["state"] == JobState.DONE, job
     assert "noseg refused Segmentation Storage (not sent; see destinations[].objects)" in job["reason"]
     modalities = Counter(s.modality for s in refusing.received)
@@ -66,16 +72,7 @@ def test_a_destination_that_takes_only_the_sr_gets_only_the_sr(tmp_path):
     pacs, port = RecordingPacs(ae_title="SRONLY"), free_port()
     path = write_config(tmp_path, destinations=[{"name": "ris", "ae_title": "SRONLY", "host": "127.0.0.1",
                                                  "port": port, "objects": ["sr"]}])
-    cfg = load_config(path, environ={})
-    uid = _study(tmp_path, 950002)
-    pacs.start(port)
-    node = Node(cfg, sweep_seconds=0.2, stop_timeout=60)
-    try:
-        storescu(cfg, tmp_path / "in-950002")
-        job = wait_for(node, [uid])[uid][-1]
-    finally:
-        node.stop()
-        pacs.stop()
+    _, job = _analysed(path, tmp_path, 950002, (pacs, port))
     assert job["state"] == JobState.DONE, job
     assert [s.modality for s in pacs.received] == ["SR"]
 

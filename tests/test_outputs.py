@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from conftest import PIXELMED_JAR, require_peer, require_tool, to_multi_frame
+from conftest import pixelmed_sr_check, require_tool, to_multi_frame
 from node.bundle import load_bundle
 from node.inference import Engine, StudyResult
 from node.outputs.sc import make_sc_series
@@ -47,15 +47,6 @@ def _sr(result: StudyResult, by_sop: dict[str, Path]) -> hd.sr.Comprehensive3DSR
     return make_sr(result, keys, model_sha256=_sha())
 
 
-def _pixelmed(path: Path) -> str:
-    require_peer(PIXELMED_JAR.exists(), "PixelMed (pixelmed-apps)")
-    proc = subprocess.run([require_tool("java"), "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
-                           "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED_JAR),
-                           "com.pixelmed.validate.DicomSRValidator", str(path)], capture_output=True, text=True,
-                          timeout=300)
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.parametrize("pe", [True, False])
 def test_the_sr_is_a_valid_tid_1500_report_with_the_finding_and_probability(analysed, tmp_path, pe):
     result, by_sop = analysed[pe]
@@ -65,7 +56,7 @@ def test_the_sr_is_a_valid_tid_1500_report_with_the_finding_and_probability(anal
     verdict = dciodvfy(path)
     assert not verdict.errors
     assert all("99PETRIAGE" in w for w in verdict.warnings)  # only our declared private coding scheme
-    report = _pixelmed(path)
+    report = pixelmed_sr_check(path)
     assert "Found Root Template TID_1500" in report and "Root Template Validation Complete" in report
     assert "Error" not in report, report
     dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60).stdout
@@ -147,7 +138,7 @@ def test_an_enhanced_ct_study_is_analysed_frame_by_frame_and_its_outputs_referen
     sr_path = tmp_path / "sr.dcm"
     make_sr(enhanced, [header] * len(enhanced.key_slices), model_sha256=_sha()).save_as(sr_path)
     assert not dciodvfy(sr_path).errors, dciodvfy(sr_path).errors
-    report = _pixelmed(sr_path)
+    report = pixelmed_sr_check(sr_path)
     assert "Root Template Validation Complete" in report and "Error" not in report, report
     sr = hd.sr.srread(sr_path)
     frames = [g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import PIXELMED_JAR, require_peer, require_tool, to_multi_frame
+from conftest import pixelmed_sr_check, require_tool, to_multi_frame
 from node.bundle import load_bundle
 from node.inference import Engine, StudyResult
 from node.outputs.kos import make_kos
@@ -49,15 +49,6 @@ def _valid(ds: pydicom.Dataset, path: Path) -> None:
     require_tool("dciodvfy")
     verdict = dciodvfy(path)
     assert not verdict.errors, verdict.errors
-
-
-def _pixelmed(path: Path) -> str:
-    require_peer(PIXELMED_JAR.exists(), "PixelMed (pixelmed-apps)")
-    proc = subprocess.run([require_tool("java"), "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
-                           "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED_JAR),
-                           "com.pixelmed.validate.DicomSRValidator", str(path)], capture_output=True, text=True,
-                          timeout=300)
-    return proc.stdout + proc.stderr
 
 
 def test_the_seg_holds_the_attention_probabilities_above_the_floor_and_reads_back_within_its_quantisation(
@@ -105,7 +96,7 @@ def test_the_sr_references_the_seg_segment_and_passes_pixelmed_with_no_error_and
     sr.save_as(path)
     verdict = dciodvfy(path)
     assert not verdict.errors and all("99PETRIAGE" in w for w in verdict.warnings)
-    report = _pixelmed(path)
+    report = pixelmed_sr_check(path)
     assert "Found Root Template TID_1500" in report and "Root Template Validation Complete" in report
     assert "Error" not in report and "Warning" not in report, report
     dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60).stdout
@@ -124,7 +115,7 @@ def test_the_sr_without_a_seg_keeps_the_attention_peaks_and_passes_pixelmed_with
     result, index, headers, _ = study
     path = tmp_path / "sr.dcm"
     make_sr(result, [headers[k.index] for k in result.key_slices], model_sha256=SHA).save_as(path)
-    report = _pixelmed(path)
+    report = pixelmed_sr_check(path)
     assert "Root Template Validation Complete" in report and "Error" not in report and "Warning" not in report, report
 
 
