@@ -36,6 +36,7 @@ def test_demo_makes_validates_and_shows_a_positive_and_a_negative_study(tmp_path
     assert "petriage-pe-demo" in printed and "synthetic training data" in printed  # the bundled model ran
     assert printed.count("done: PE") == 2 and "not for diagnostic use" in printed  # both analysed and sent
     assert len(list((tmp_path / "png").glob("result-*.png"))) == 2 * 4  # key images + summary, from the PACS
+    assert " ".join(printed.split()).count("KOS 1, SC 4, SEG 1, SR 1") == 2  # every object, read back from the PACS
     from node.commands.demo_pacs import ORTHANC
 
     assert ("Orthanc" in printed) == (ORTHANC is not None)  # Orthanc is the PACS wherever it is installed

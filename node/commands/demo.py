@@ -3,7 +3,7 @@
 It makes one PE-positive and one PE-negative synthetic CTPA study with their companion series, writes
 them as DICOM under the storage root, validates every file with dciodvfy when it is installed, writes
 PNG views, then starts the node on loopback with temporary storage and a small receiving PACS, sends
-both studies by C-STORE, waits for the SR and key images to reach the PACS, prints what came back and
+both studies by C-STORE, waits for the results (SEG, SR, key images, KOS) to reach the PACS, prints what came back and
 how long it took, writes the key images as PNG, and stops everything.
 """
 
@@ -99,15 +99,17 @@ def _serve_and_send(cfg, studies: list[tuple[bool, str, list[Path]]], out_dir: P
     out.print(f"model {m.name} {m.version} (device {cfg.model.device}, precision {cfg.model.precision})"
               + (" - synthetic training data, not for clinical use" if m.synthetic_training_data else ""),
               soft_wrap=True)
-    with out.status("node on loopback: receiving, completing, analysing, sending SR + key images to a PACS"):
+    with out.status("node on loopback: receiving, completing, analysing, sending SEG + SR + key images + KOS"):
         pacs_name, rows = run_node_demo(cfg, studies, out_dir)
-    table = Table(title=f"the node: C-STORE in, SR + key images out to the PACS: {pacs_name}")
+    table = Table(title=f"the node: C-STORE in, results out to the PACS: {pacs_name}")
     for col in ("study", "truth", "series chosen", "probability", "decision", "last image -> results in PACS"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.study_instance_uid[-10:], "PE" if r.truth else "no PE", r.series,
                       "-" if r.probability is None else f"{r.probability:.3f}", r.decision, f"{r.seconds:.1f} s")
     out.print(table)
+    for r in rows:
+        out.print(f"study ...{r.study_instance_uid[-10:]}: the PACS holds {r.arrived}", highlight=False)
     out.print("result images (as the PACS received them): " + ", ".join(str(p) for r in rows for p in r.pngs))
     _console_hint(cfg, out_dir / "node")
     out.print("AI triage aid - not for diagnostic use.")

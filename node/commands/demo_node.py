@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -30,6 +31,7 @@ class DemoRow:
     decision: str
     seconds: float
     pngs: list[Path]
+    arrived: str = "-"  # the result objects the PACS holds, by kind
 
 
 def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_dir: Path,
@@ -84,11 +86,13 @@ def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_
                 job = node.store.jobs_of(uid)[-1]
                 summary = json.loads(job["result"]) if job.get("result") else {}
                 pngs: list[Path] = []
+                arrived = "-"
                 if job["state"] == JobState.DONE and job.get("outbox"):
-                    pngs = _pngs(Path(job["outbox"]), out_dir / "png", uid, orthanc, pacs_store)
+                    pngs, arrived = _arrived(Path(job["outbox"]), out_dir / "png", uid, orthanc, pacs_store)
                 rows.append(DemoRow(uid, truth, summary.get("series", {}).get("description", "-"),
                                     summary.get("probability"),
-                                    f"{job['state']}: {summary.get('decision', job['reason'])}", seconds, pngs))
+                                    f"{job['state']}: {summary.get('decision', job['reason'])}", seconds, pngs,
+                                    arrived))
         finally:
             node.stop()
     finally:
@@ -100,14 +104,15 @@ def run_node_demo(cfg: Config, studies: list[tuple[bool, str, list[Path]]], out_
     return pacs_name, rows
 
 
-def _pngs(outbox: Path, folder: Path, uid: str, orthanc, pacs_store) -> list[Path]:
-    """The secondary captures as the PACS holds them (read back from it), as PNG."""
+def _arrived(outbox: Path, folder: Path, uid: str, orthanc, pacs_store) -> tuple[list[Path], str]:
+    """Which of the sent objects the PACS holds (read back from it), by kind; the secondary captures as PNG."""
+    from node.delivery import KINDS
+
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
+    out: list[Path] = []
+    held: Counter[str] = Counter()
     for sent in sorted(outbox.glob("*.dcm")):
         header = pydicom.dcmread(sent, stop_before_pixels=True)
-        if str(header.SOPClassUID) != pydicom.uid.SecondaryCaptureImageStorage:
-            continue
         if orthanc is not None:
             data = orthanc.instance_file(str(header.SOPInstanceUID))
             if data is None:
@@ -118,7 +123,10 @@ def _pngs(outbox: Path, folder: Path, uid: str, orthanc, pacs_store) -> list[Pat
             if not stored:
                 continue
             ds = pydicom.dcmread(stored[0])
+        held[KINDS.get(str(ds.SOPClassUID), "other").upper()] += 1
+        if str(header.SOPClassUID) != pydicom.uid.SecondaryCaptureImageStorage:
+            continue
         target = folder / f"result-{uid[-6:]}-{int(ds.InstanceNumber)}.png"
         Image.fromarray(ds.pixel_array).save(target)
         out.append(target)
-    return sorted(out)
+    return sorted(out), ", ".join(f"{k} {n}" for k, n in sorted(held.items())) or "none"
