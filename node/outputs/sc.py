@@ -38,19 +38,31 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def cam_on_pixels(cam: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float, float], spec: PreprocessSpec,
                   stride: int) -> np.ndarray:
     """The (h, w) CAM resampled bilinearly onto the original (rows, columns) grid; NaN outside the model's field."""
-    h, w = cam.shape
+    return cams_on_pixels(cam[None], shape, pixel_mm, spec, stride)[0]
+
+
+def cams_on_pixels(cams: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float, float], spec: PreprocessSpec,
+                   stride: int) -> np.ndarray:
+    """(n, h, w) CAMs of slices of one series resampled bilinearly onto its (rows, columns) grid, all at once;
+    NaN outside the model's field. Bilinear sampling is separable: out = Wy @ cam @ Wx.T with one
+    interpolation matrix per axis, shared by every slice of the series."""
+    _, h, w = cams.shape
     origin = input_to_pixel(np.zeros(2), shape, pixel_mm, spec)  # input_to_pixel is linear per axis
     scale = (input_to_pixel(np.full(2, float(spec.size)), shape, pixel_mm, spec) - origin) / spec.size
-    ry, rx = ((np.arange(shape[a]) + 0.5 - origin[a]) / scale[a] / stride - 0.5 for a in (0, 1))
-    inside = (ry >= -0.5)[:, None] & (ry <= h - 0.5)[:, None] & (rx >= -0.5)[None, :] & (rx <= w - 0.5)[None, :]
-    y0 = np.clip(np.floor(ry).astype(int), 0, h - 1)
-    x0 = np.clip(np.floor(rx).astype(int), 0, w - 1)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = np.clip(ry - y0, 0, 1)[:, None], np.clip(rx - x0, 0, 1)[None, :]
-    top = cam[y0][:, x0] * (1 - fx) + cam[y0][:, x1] * fx
-    bottom = cam[y1][:, x0] * (1 - fx) + cam[y1][:, x1] * fx
-    out = top * (1 - fy) + bottom * fy
-    return np.where(inside, out, np.nan)
+
+    def weights(axis: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+        r = (np.arange(shape[axis]) + 0.5 - origin[axis]) / scale[axis] / stride - 0.5
+        lo = np.clip(np.floor(r).astype(int), 0, cells - 1)
+        hi, f = np.minimum(lo + 1, cells - 1), np.clip(r - lo, 0, 1)
+        m = np.zeros((shape[axis], cells), np.float32)
+        np.add.at(m, (np.arange(shape[axis]), lo), 1 - f)
+        np.add.at(m, (np.arange(shape[axis]), hi), f)
+        return m, (r >= -0.5) & (r <= cells - 0.5)
+
+    wy, in_y = weights(0, h)
+    wx, in_x = weights(1, w)
+    out = wy @ cams.astype(np.float32) @ wx.T
+    return np.where((in_y[:, None] & in_x[None, :])[None], out, np.nan).astype(np.float32)
 
 
 def _overlay(hu: np.ndarray, cam: np.ndarray, peak: tuple[float, float], lines: list[str]) -> np.ndarray:

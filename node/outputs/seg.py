@@ -1,12 +1,12 @@
 """The DICOM Segmentation: the attention map on the source CT's own grid (highdicom).
 
 One FRACTIONAL segment of type PROBABILITY: for every analysed slice, the stage-1 CAM of its slab
-resampled onto the source pixels (``cam_on_pixels``, as the SC overlay draws it) and passed through the
-logistic function, so a pixel holds the model's local probability of embolus, stored in 8 bits
-(``MaxFractionalValue`` 255, a step of 1/255). Values under ``floor`` are written as 0, and frames with
-nothing left are omitted: the SEG holds only the slices where attention is above the floor, each frame
-referencing its source image (and its frame, for an Enhanced CT source). A study with no attention
-above the floor gets no SEG (``None``): there is nothing to show.
+passed through the logistic function cell by cell and resampled bilinearly onto the source pixels
+(``cams_on_pixels``, as the SC overlay draws it), so a pixel holds the model's local probability of
+embolus, stored in 8 bits (``MaxFractionalValue`` 255, a step of 1/255). Values under ``floor`` are
+written as 0, and frames with nothing left are omitted: the SEG holds only the slices where attention
+is above the floor, each frame referencing its source image (and its frame, for an Enhanced CT
+source). A study with no attention above the floor gets no SEG (an empty list): there is nothing to show.
 
 Optionally (``binary_threshold``) a second instance in the same series: a BINARY segment of the pixels
 at or above that probability. highdicom writes one segmentation type per instance, so the two cannot
@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes
 
 from node.inference import NOTICE, StudyResult, sigmoid
 from node.outputs import OutputError, for_outputs, names_unquoted
-from node.outputs.sc import cam_on_pixels
+from node.outputs.sc import cams_on_pixels
 from node.outputs.uids import output_uid, result_key
 from node.preprocess import PreprocessSpec
 from node.series import SeriesIndex
@@ -46,8 +46,15 @@ ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence
 def attention_probability(result: StudyResult, i: int, shape: tuple[int, int], pixel_mm: tuple[float, float],
                           spec: PreprocessSpec, cam_stride: int) -> np.ndarray:
     """Slice ``i``'s attention as a local probability on the source grid (0 outside the model's field)."""
-    cam = cam_on_pixels(result.cams[i], shape, pixel_mm, spec, cam_stride)
-    return np.where(np.isfinite(cam), sigmoid(np.nan_to_num(cam, nan=-50.0)), 0.0).astype(np.float32)
+    return attention_probabilities(result.cams[i:i + 1], shape, pixel_mm, spec, cam_stride)[0]
+
+
+def attention_probabilities(cams: np.ndarray, shape: tuple[int, int], pixel_mm: tuple[float, float],
+                            spec: PreprocessSpec, cam_stride: int) -> np.ndarray:
+    """(n, h, w) CAMs in logits -> (n, rows, columns) local probabilities on the source grid, 0 outside:
+    each CAM cell's probability (the logistic of its logit), resampled bilinearly like the SC overlay."""
+    p = cams_on_pixels(sigmoid(cams).astype(np.float32), shape, pixel_mm, spec, cam_stride)
+    return np.nan_to_num(p, nan=0.0)
 
 
 def _algorithm(result: StudyResult) -> hd.AlgorithmIdentificationSequence:
@@ -86,9 +93,9 @@ def make_seg(result: StudyResult, index: SeriesIndex, headers: Sequence[pydicom.
         raise OutputError(f"{len(headers)} headers and {len(index)} slices for {n} analysed slices")
     shape, frames = index.shape, list(index.frame_numbers)
     probability = np.zeros((n, *shape), np.float32)
-    for i in range(n):
-        p = attention_probability(result, i, shape, index.pixel_spacing_mm, spec, cam_stride)
-        probability[i] = np.where(p >= floor, p, 0.0)
+    for lo in range(0, n, 32):  # a batch at a time: 32 slices of 512 x 512 floats stay near 100 MB
+        p = attention_probabilities(result.cams[lo:lo + 32], shape, index.pixel_spacing_mm, spec, cam_stride)
+        probability[lo:lo + 32] = np.where(p >= floor, p, 0.0)
     if not probability.any():
         return []
     uid = result.study_instance_uid
