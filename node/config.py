@@ -212,8 +212,9 @@ class OutputSettings(_Section):
     seg_floor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # attention probability below which a pixel is 0
     seg_binary_threshold: Annotated[float, Field(gt=0, lt=1)] | None = None  # a second, BINARY SEG at this value
     kos: bool = True  # Key Object Selection: key images and the results
-    # The SR's procedure reported: the site's code for the exam, as "value^scheme^meaning"
-    # (e.g. from its RIS); empty: LOINC 25045-6 "CT unspecified body region".
+    # The exam's code in the SR (Performed Procedure Code Sequence) when the CT header carries no
+    # Procedure Code Sequence of its own: "value^scheme^meaning"; empty: LOINC 36147-7
+    # "CTA Pulmonary arteries W contrast IV".
     procedure_code: Annotated[str, Field(pattern=r"^$|^[^^]+\^[^^]+\^[^^]+$")] = ""
 
     @model_validator(mode="after")

@@ -238,7 +238,7 @@ class Worker:
         from node.outputs.kos import make_kos
         from node.outputs.sc import make_sc_series
         from node.outputs.seg import make_seg
-        from node.outputs.sr import PROCEDURE, make_sr
+        from node.outputs.sr import CTPA, make_sr
         from node.spool import write_atomic
 
         assert self.outbox_root is not None
@@ -250,13 +250,13 @@ class Worker:
             segs = make_seg(analysis, index, [headers.get(p) or _read_header(p) for p in index.paths],
                             model_sha256=model_id, spec=manifest.spec(), cam_stride=manifest.cam_stride,
                             floor=o.seg_floor, binary_threshold=o.seg_binary_threshold)
-        procedure = PROCEDURE
+        performed = CTPA
         if o.procedure_code:
             from pydicom.sr.coding import Code
 
-            procedure = Code(*o.procedure_code.split("^"))
+            performed = Code(*o.procedure_code.split("^"))
         sr = make_sr(analysis, keys, model_sha256=model_id, predecessors=predecessors,
-                     segmentation=segs[0] if segs else None, procedure=procedure)
+                     segmentation=segs[0] if segs else None, performed=performed)
         sc = make_sc_series(analysis, sources, model_sha256=model_id, spec=manifest.spec(),
                             cam_stride=manifest.cam_stride)
         objects = [*segs, sr, *sc]

@@ -104,6 +104,10 @@ def test_the_sr_references_the_seg_segment_and_passes_pixelmed_with_no_error_and
     assert '(C0034375,UMLS,"Qualitative Evaluations")' in subprocess.run(
         [require_tool("dsrdump"), "+Pc", str(path)], capture_output=True, text=True, timeout=60).stdout
     read = hd.sr.srread(path)
+    exam = read.PerformedProcedureCodeSequence[0]
+    source = headers[0].get("ProcedureCodeSequence")
+    assert (exam.CodeValue, exam.CodingSchemeDesignator) == \
+        ((source[0].CodeValue, source[0].CodingSchemeDesignator) if source else ("36147-7", "LN"))
     group = read.content.get_volumetric_roi_measurement_groups()[0]
     assert group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
     evidence = {i.ReferencedSOPInstanceUID for s in read.CurrentRequestedProcedureEvidenceSequence
@@ -114,7 +118,12 @@ def test_the_sr_references_the_seg_segment_and_passes_pixelmed_with_no_error_and
 def test_the_sr_without_a_seg_keeps_the_attention_peaks_and_passes_pixelmed_with_no_warning(study, tmp_path):
     result, index, headers, _ = study
     path = tmp_path / "sr.dcm"
-    make_sr(result, [headers[k.index] for k in result.key_slices], model_sha256=SHA).save_as(path)
+    keys = [pydicom.Dataset(headers[k.index]) for k in result.key_slices]
+    for ds in keys:  # a CT whose header names no procedure: the SR names CT angiography of the pulmonary arteries
+        ds.pop("ProcedureCodeSequence", None)
+    make_sr(result, keys, model_sha256=SHA).save_as(path)
+    exam = pydicom.dcmread(path).PerformedProcedureCodeSequence[0]
+    assert (exam.CodeValue, exam.CodeMeaning) == ("36147-7", "CTA Pulmonary arteries W contrast IV")
     report = pixelmed_sr_check(path)
     assert "Root Template Validation Complete" in report and "Error" not in report and "Warning" not in report, report
 
@@ -159,3 +168,18 @@ def test_an_enhanced_ct_source_gets_a_seg_on_its_frames_and_a_kos_naming_its_key
     named = image.ReferencedSOPSequence[0].ReferencedFrameNumber
     assert sorted(int(f) for f in (named if isinstance(named, pydicom.multival.MultiValue) else [named])) == \
         sorted(k.frame_number for k in enhanced.key_slices)
+
+
+def test_the_sr_names_the_exam_by_the_procedure_code_the_ct_header_carries(study, tmp_path):
+    result, _, headers, _ = study
+    keys = [pydicom.Dataset(headers[k.index]) for k in result.key_slices]
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "CTPE1", "99RIS", "CT pulmonary angiogram"
+    for ds in keys:
+        ds.ProcedureCodeSequence = [item]
+    path = tmp_path / "sr.dcm"
+    make_sr(result, keys, model_sha256=SHA).save_as(path)
+    exam = pydicom.dcmread(path).PerformedProcedureCodeSequence
+    assert [(e.CodeValue, e.CodingSchemeDesignator, e.CodeMeaning) for e in exam] == \
+        [("CTPE1", "99RIS", "CT pulmonary angiogram")]
+    assert not dciodvfy(path).errors

@@ -2,9 +2,11 @@
 
 Always:
 
-- procedure reported (CID 100, extensible; TID 1500 takes one code): LOINC 25045-6 "CT unspecified
-  body region" unless the site sets its own CT-angiography code (``outputs.procedure_code``, as its
-  RIS codes the exam); the observer is the device (petriage, model name and version);
+- the exam: Performed Procedure Code Sequence (SR Document General module) holds the source study's
+  own Procedure Code Sequence when its header has one (the RIS's code), else LOINC 36147-7 "CTA
+  Pulmonary arteries W contrast IV" (or the site's ``outputs.procedure_code``); TID 1500's Procedure
+  Reported (CID 100, one code) is LOINC 25045-6 "CT unspecified body region", the group's CT entry
+  (PixelMed's TID 1500 check refuses codes outside its CID 100); the observer is the device;
 - the finding: pulmonary embolism (SCT 59282003) in the pulmonary artery (finding site), with its
   tracking identifier and UID, the study probability as a measurement (private code in the declared
   coding scheme 99PETRIAGE, unit UCUM "1") made by the algorithm (TID 4019: name, version, parameters:
@@ -59,20 +61,23 @@ def _scheme() -> pydicom.Dataset:
 
 #: TID 1500 row 12: the report's own qualitative evaluations.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-#: Procedure reported by default (CID 100; TID 1500 takes one): a site may set its own code.
+#: TID 1500 Procedure Reported (CID 100 has no CT angiography of the chest; one code).
 PROCEDURE = codes.LN.CTUnspecifiedBodyRegion
+#: The exam, when the source header names none: CT angiography of the pulmonary arteries (LOINC).
+CTPA = Code("36147-7", "LN", "CTA Pulmonary arteries W contrast IV")
 #: highdicom writes "Source Series for Segmentation"; PS3.16 and PixelMed spell it so.
 SOURCE_SERIES_MEANING = "Source series for segmentation"
 
 
 def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, model_sha256: str,
             manufacturer: str = "petriage", predecessors: Sequence[pydicom.Dataset] = (),
-            segmentation: pydicom.Dataset | None = None, procedure: Code = PROCEDURE) -> hd.sr.Comprehensive3DSR:
+            segmentation: pydicom.Dataset | None = None, performed: Code = CTPA) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report for ``result``; ``key_datasets``: the header of each key slice's instance (same order).
 
     ``predecessors``: the earlier reports of this study this one replaces (StudyInstanceUID,
     SeriesInstanceUID, SOPInstanceUID and SOPClassUID of each), named in Predecessor Documents Sequence.
-    ``segmentation``: this result's SEG, which the finding then references.
+    ``segmentation``: this result's SEG, which the finding then references. ``performed``: the exam's
+    code when the key slices' header has no Procedure Code Sequence of its own.
     The series and instance UIDs follow what was analysed (``node.outputs.uids``); the device and the
     findings' tracking UIDs follow the study and the model only, so a later version tracks the same finding.
     """
@@ -107,11 +112,11 @@ def make_sr(result: StudyResult, key_datasets: Sequence[pydicom.Dataset], *, mod
             finding_sites=site, measurements=[probability])]
         groups += _peak_groups(result, key_datasets, model_sha256, algorithm)
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-                                     procedure_reported=procedure, imaging_measurements=groups)
+                                     procedure_reported=PROCEDURE, imaging_measurements=groups)
     report[0].ContentSequence.append(_decision(result.positive))
     evidence = [*key_datasets, *([for_outputs(segmentation)] if segmentation is not None else [])]
     with names_unquoted():
-        sr = _report(evidence, report, result, digest, manufacturer, predecessors)
+        sr = _report(evidence, report, result, digest, manufacturer, predecessors, _exam(key_datasets[0], performed))
     sr.SeriesDescription = f"PE triage SR - {NOTICE}"
     sr.CodingSchemeIdentificationSequence = [_scheme()]
     return sr
@@ -162,8 +167,21 @@ def _decision(positive: bool) -> hd.sr.ContainerContentItem:
     return container
 
 
-def _report(evidence, report, result, digest, manufacturer, predecessors) -> hd.sr.Comprehensive3DSR:
+def _exam(source: pydicom.Dataset, default: Code) -> list:
+    """The exam's procedure codes: the source's Procedure Code Sequence if it is well formed, else ``default``."""
+    found = []
+    for item in source.get("ProcedureCodeSequence", []):
+        try:
+            found.append(hd.sr.CodedConcept(str(item.CodeValue), str(item.CodingSchemeDesignator),
+                                            str(item.CodeMeaning)))
+        except (AttributeError, TypeError, ValueError):  # a vendor's incomplete item: not ours to repair
+            continue
+    return found or [default]
+
+
+def _report(evidence, report, result, digest, manufacturer, predecessors, performed) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
+        performed_procedure_codes=performed,
         evidence=list({str(ds.SOPInstanceUID): ds for ds in evidence}.values()),  # an instance once
         content=report, series_instance_uid=output_uid(result.study_instance_uid, digest, "sr-series"),
         series_number=SERIES_NUMBER, sop_instance_uid=output_uid(result.study_instance_uid, digest, "sr"),
