@@ -8,12 +8,14 @@ augmentation and losses. Every ``--every`` steps it scores a fixed set of crops 
 its negatives cropped from PE-negative studies where the clots lie, so a crop's place says nothing)
 and prints the crop AUC and how often the CAM's peak cell holds the clot.
 
-Two architectures are compared at equal steps (run them side by side, one thread each):
+Architectures are compared at equal steps (run them side by side, one thread each):
 
 - ``current``: the recipe's SliceNet (7x7 stride-2 stem and max pool: 6 mm cells before block 1);
 - ``fine``: the same plus a branch at the input's own pixels (a 3x3 convolution at 1.5 mm, two at
   3 mm, a strided one to the stem's 6 mm grid) added to the stem's output, its last batch norm
-  starting at zero (``FineBranch`` below; measured, no gain, so not in training/models.py).
+  starting at zero (``FineBranch`` below; measured, no gain, so not in training/models.py);
+- ``strided``: the stem's max pool replaced by a learned stride-2 convolution (a 3x3 max pool over a
+  bright vessel keeps its wall and drops a dark clot a few pixels wide: the suspect it tests).
 
 ``--set`` passes config overrides (``preprocess.context=1``: neighbouring slabs; ``stage1.augmentation=
 flip-shift``: no intensity augmentation).
@@ -119,7 +121,7 @@ def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=["current", "fine"], required=True)
+    ap.add_argument("--arch", choices=["current", "fine", "strided"], required=True)
     ap.add_argument("--config", type=Path, default=Path("training/configs/varied.yaml"))
     ap.add_argument("--splits", type=Path, default=Path("runs/v7/splits.json"))
     ap.add_argument("--train-cache", type=Path, required=True)
@@ -148,6 +150,9 @@ def main() -> None:
     model = build_slice_net(cfg)
     if a.arch == "fine":
         model.stem = FineBranch(model.stem, cfg.preprocess.spec().channels, s.width)
+    elif a.arch == "strided":  # the stem's 3x3 max pool replaced by a learned stride-2 convolution
+        model.stem[3] = torch.nn.Sequential(torch.nn.Conv2d(s.width, s.width, 3, 2, 1, bias=False),
+                                            torch.nn.BatchNorm2d(s.width), torch.nn.ReLU(inplace=True))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=a.steps, pct_start=0.15)
     windows = cfg.preprocess.channel_windows()
