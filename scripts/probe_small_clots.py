@@ -18,7 +18,9 @@ Architectures are compared at equal steps (run them side by side, one thread eac
   bright vessel keeps its wall and drops a dark clot a few pixels wide: the suspect it tests).
 
 ``--set`` passes config overrides (``preprocess.context=1``: neighbouring slabs; ``stage1.augmentation=
-flip-shift``: no intensity augmentation).
+flip-shift``: no intensity augmentation; ``preprocess.size=288``: 1.0 mm input pixels, with caches built at
+that size, ``--size 96`` for the same 96 mm crops and ``--spot-pixels 22 --spot-radius 6`` for the same
+small-clot rule in millimetres).
 
     python scripts/probe_small_clots.py --arch fine --steps 1500 --out runs/probe/fine.json
 """
@@ -94,12 +96,13 @@ def batch_of(cache, annotated, masks, neg, small, negative_studies, n: int, size
     return x, m, np.concatenate([py, np.zeros(len(nx), np.float32)])
 
 
-def rows_of(cache, uids: set[str]):
+def rows_of(cache, uids: set[str], spot: tuple[int, int] = (10, 4)):
     pos, neg, masks = _rows(cache, uids)
     pos_set = set(pos.tolist())
     annotated = np.array(sorted(r for r in masks if r in pos_set), dtype=np.int64)
     negative_studies = [st for st in cache.studies if st["study_instance_uid"] in uids and not st["label"]]
-    return annotated, masks, neg, small_clot_spots(cache.masks, annotated, masks), negative_studies
+    small = small_clot_spots(cache.masks, annotated, masks, max_pixels=spot[0], radius=spot[1])
+    return annotated, masks, neg, small, negative_studies
 
 
 def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
@@ -131,6 +134,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--spot-pixels", type=int, default=10,
+                    help="a small clot: at most this many clot pixels within --spot-radius (scale with the pixel)")
+    ap.add_argument("--spot-radius", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. preprocess.context=1 or stage1.augmentation=flip-shift")
@@ -143,9 +149,10 @@ def main() -> None:
     train, val = with_context(open_cache(a.train_cache), context), with_context(open_cache(a.val_cache), context)
     splits = json.loads(a.splits.read_text())
     rng = np.random.default_rng(0)
-    vx, vm, vy = batch_of(val, *rows_of(val, {st["study_instance_uid"] for st in val.studies}), 2000, a.size,
+    spot = (a.spot_pixels, a.spot_radius)
+    vx, vm, vy = batch_of(val, *rows_of(val, {st["study_instance_uid"] for st in val.studies}, spot), 2000, a.size,
                           np.random.default_rng(1))
-    annotated, masks, neg, small, negative_studies = rows_of(train, set(splits["train"]))
+    annotated, masks, neg, small, negative_studies = rows_of(train, set(splits["train"]), spot)
     plan = CropPlan(a.size, embolus=0.5, beside=0.15, small=1.0)
     model = build_slice_net(cfg)
     if a.arch == "fine":
