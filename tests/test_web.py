@@ -177,6 +177,8 @@ def test_the_study_page_shows_the_overlays_the_node_sent(console, browser):
     widths = page.eval_on_selector_all(".images img", "els => els.map(e => e.naturalWidth)")
     assert all(w > 100 for w in widths), widths
     assert "Probability of pulmonary embolism" in page.content()  # read back from the SR the node sent
+    also = page.locator("p.others").inner_text()  # the objects that are not pictures, by their series
+    assert "attention SEG" in also and "key objects" in also and "SR" in also, also
     page.close()
 
 
