@@ -8,21 +8,25 @@ the outbox is one of them by its SOP class. ``deliver`` sends the chosen files b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from node.config import Destination
 from node.scu import MEDIUM, Delivery, SendError, send_files
 
 #: SOP Class UID -> the object kind config names it by.
-KINDS = {
-    "1.2.840.10008.5.1.4.1.1.7": "sc",  # Secondary Capture Image Storage
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR Storage
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",  # Segmentation Storage
-    "1.2.840.10008.5.1.4.1.1.88.59": "kos",  # Key Object Selection Document Storage
+KINDS: dict[str, str] = {
+    SecondaryCaptureImageStorage: "sc", Comprehensive3DSRStorage: "sr", SegmentationStorage: "seg",
+    KeyObjectSelectionDocumentStorage: "kos",
 }
 
 
@@ -38,16 +42,22 @@ def kind_of(path: Path) -> str:
     return KINDS[uid]
 
 
-def for_destination(files: Sequence[Path], destination: Destination) -> list[Path]:
-    """The files of ``files`` whose kind ``destination`` takes."""
+def for_destination(files: Sequence[Path], destination: Destination,
+                    kinds: MutableMapping[Path, str] | None = None) -> list[Path]:
+    """The files of ``files`` whose kind ``destination`` takes; ``kinds`` keeps the kinds already read,
+    so several destinations of one delivery read each file's header once."""
+    kinds = {} if kinds is None else kinds
+    for f in files:
+        if f not in kinds:
+            kinds[f] = kind_of(f)
     wanted = set(destination.objects)
-    return [f for f in files if kind_of(f) in wanted]
+    return [f for f in files if kinds[f] in wanted]
 
 
 def deliver(files: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-            priority: int = MEDIUM) -> Delivery:
-    """Send the files ``destination`` takes of ``files``, by its protocol."""
-    chosen = for_destination(files, destination)
+            priority: int = MEDIUM, kinds: MutableMapping[Path, str] | None = None) -> Delivery:
+    """Send the files ``destination`` takes of ``files``, by its protocol (``kinds``: see ``for_destination``)."""
+    chosen = for_destination(files, destination, kinds)
     if not chosen:
         return Delivery()
     if destination.kind == "dicomweb":

@@ -84,7 +84,8 @@ class Volume:
     patient_id: str
 
 
-def _header(path: Path) -> pydicom.Dataset:
+def load_header(path: Path) -> pydicom.Dataset:
+    """One file's header (no pixels), or SeriesError naming a file that is not readable DICOM."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError) as exc:
@@ -105,7 +106,7 @@ def index_series(paths: Sequence[Path], headers: Sequence[pydicom.Dataset] | Non
     if not paths:
         raise SeriesError("no files")
     if headers is None or len(headers) != len(paths):
-        headers = [_header(Path(p)) for p in paths]
+        headers = [load_header(Path(p)) for p in paths]
     excluded: list[Excluded] = []
     usable = []
     for p, ds in zip(paths, headers, strict=True):
@@ -226,7 +227,7 @@ class SourceSlice:
 
 def source_slice(index: SeriesIndex, i: int, header: pydicom.Dataset | None = None) -> SourceSlice:
     """Slice ``i`` of ``index`` with its header (read from its file unless given) and HU pixels."""
-    return SourceSlice(header if header is not None else _header(index.paths[i]), index.frame_numbers[i],
+    return SourceSlice(header if header is not None else load_header(index.paths[i]), index.frame_numbers[i],
                        slice_hu(index, i), index.pixel_spacing_mm)
 
 

@@ -12,6 +12,7 @@ rest. The same ``Delivery`` as ``node.scu.send_files`` comes back.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,8 +47,6 @@ def _session(destination: Destination):
 
 def qido_ping(destination: Destination, *, timeout_seconds: float = 10.0) -> float:
     """Ask a DICOMweb destination for one study (QIDO-RS); seconds it took, or SendError saying why not."""
-    import time
-
     import requests
 
     start = time.perf_counter()

@@ -30,7 +30,16 @@ from node.outputs import for_outputs
 from node.outputs.uids import result_key
 from node.scu import HIGH, MEDIUM, SendError
 from node.selection import SeriesRules, choose_ctpa
-from node.series import SeriesError, SeriesIndex, SliceError, check_spacing, index_series, screen_pixels, source_slice
+from node.series import (
+    SeriesError,
+    SeriesIndex,
+    SliceError,
+    check_spacing,
+    index_series,
+    load_header,
+    screen_pixels,
+    source_slice,
+)
 from node.storage_mark import StorageMark
 from node.store import JobState, Store, utcnow
 from node.triage import priority as triage_priority
@@ -55,12 +64,6 @@ def _sr_reference(study_instance_uid: str, sr: dict):
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_instance_uid, sr["series_instance_uid"]
     ds.SOPInstanceUID, ds.SOPClassUID = sr["sop_instance_uid"], sr["sop_class_uid"]
     return ds
-
-
-def _read_header(path: Path):
-    import pydicom
-
-    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def _left_out(excluded: list) -> str:
@@ -247,7 +250,7 @@ class Worker:
         keys = [s.dataset for s in sources]
         segs = []
         if o.seg:
-            segs = make_seg(analysis, index, [headers.get(p) or _read_header(p) for p in index.paths],
+            segs = make_seg(analysis, index, [headers.get(p) or load_header(p) for p in index.paths],
                             model_sha256=model_id, spec=manifest.spec(), cam_stride=manifest.cam_stride,
                             floor=o.seg_floor, binary_threshold=o.seg_binary_threshold)
         performed = CTPA
@@ -275,6 +278,7 @@ class Worker:
         files = sorted(Path(job["outbox"]).glob("*.dcm"))
         delivered = set(json.loads(job.get("delivered") or "[]"))
         problems, refused = [], []
+        kinds: dict[Path, str] = {}  # each outbox file's object kind, read once for every destination
         summary = json.loads(job["result"])
         urgent = bool(summary.get("positive"))
         for dest in self.destinations:
@@ -284,7 +288,8 @@ class Worker:
                 log.warning("job %d: cancelled or taken over before sending to %s", job_id, dest.name)
                 return {"id": job_id, "study_instance_uid": uid, "state": "lost", "reason": "lease lost"}
             try:
-                delivery = deliver(files, dest, calling_ae_title=self.ae_title, priority=HIGH if urgent else MEDIUM)
+                delivery = deliver(files, dest, calling_ae_title=self.ae_title, priority=HIGH if urgent else MEDIUM,
+                                   kinds=kinds)
                 how = "STOW-RS" if dest.kind == "dicomweb" else f"priority {'HIGH' if urgent else 'MEDIUM'}"
                 self.store.mark_delivered(job_id, dest.name, self.clock(),
                                           f"{dest.where}, {how}: {delivery.describe()}: "

@@ -65,12 +65,13 @@ def _algorithm(result: StudyResult) -> hd.AlgorithmIdentificationSequence:
         parameters={"map": "stage-1 class activation map, logistic", "threshold": f"{result.threshold:.6f}"})
 
 
-def _description(result: StudyResult, study_uid: str, model_sha256: str, binary: bool) -> hd.seg.SegmentDescription:
+def _description(result: StudyResult, model_sha256: str, binary: bool) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=1, segment_label="PE attention" + (" (thresholded)" if binary else ""),
         segmented_property_category=CATEGORY, segmented_property_type=EMBOLUS,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=_algorithm(result),
-        tracking_uid=output_uid(study_uid, model_sha256, "seg-tracking"), tracking_id="PE attention map",
+        tracking_uid=output_uid(result.study_instance_uid, model_sha256, "seg-tracking"),
+        tracking_id="PE attention map",
         anatomic_regions=[PULMONARY_ARTERY])
 
 
@@ -92,29 +93,31 @@ def make_seg(result: StudyResult, index: SeriesIndex, headers: Sequence[pydicom.
     if not n or len(headers) != n or len(index) != n:
         raise OutputError(f"{len(headers)} headers and {len(index)} slices for {n} analysed slices")
     shape, frames = index.shape, list(index.frame_numbers)
-    probability = np.zeros((n, *shape), np.float32)
+    instances = len(set(index.sop_instance_uids))
+    if frames[0] is not None and instances > 1:
+        # highdicom derives a SEG from one multi-frame source image; the SR and SC still go out
+        log.warning("no SEG: the analysed Enhanced CT series spans %d instances", instances)
+        return []
+    kept: list[int] = []  # the slices with a pixel at or above the floor, and their maps
+    maps: list[np.ndarray] = []
     for lo in range(0, n, 32):  # a batch at a time: 32 slices of 512 x 512 floats stay near 100 MB
         p = attention_probabilities(result.cams[lo:lo + 32], shape, index.pixel_spacing_mm, spec, cam_stride)
-        probability[lo:lo + 32] = np.where(p >= floor, p, 0.0)
-    if not probability.any():
+        p = np.where(p >= floor, p, 0.0).astype(np.float32)
+        for j in np.flatnonzero(p.reshape(len(p), -1).any(axis=1)):
+            kept.append(lo + int(j))
+            maps.append(p[j])
+    if not kept:
         return []
     uid = result.study_instance_uid
     digest = result_key(uid, model_sha256, result.sop_instance_uids)
     series = output_uid(uid, digest, "seg-series")
-    if len({str(ds.SOPInstanceUID) for ds in headers}) > 1 and frames[0] is not None:
-        # highdicom derives a SEG from one multi-frame source image; the SR and SC still go out
-        log.warning("no SEG: the analysed Enhanced CT series spans %d instances",
-                    len({str(ds.SOPInstanceUID) for ds in headers}))
-        return []
     if frames[0] is not None:  # one Enhanced CT instance: the array follows its frames, empty frames are omitted
-        total = int(headers[0].NumberOfFrames)
-        full = np.zeros((total, *shape), np.float32)
-        for i, f in enumerate(frames):
-            full[int(f or 0) - 1] = probability[i]
-        sources, pixels = [for_outputs(headers[0])], full
+        pixels = np.zeros((int(headers[0].NumberOfFrames), *shape), np.float32)
+        for i, m in zip(kept, maps, strict=True):
+            pixels[int(frames[i] or 0) - 1] = m
+        sources = [for_outputs(headers[0])]
     else:  # only the slices with a frame: highdicom then checks and encodes no empty ones
-        kept = [i for i in range(n) if probability[i].any()]
-        sources, pixels = [for_outputs(headers[i]) for i in kept], probability[kept]
+        sources, pixels = [for_outputs(headers[i]) for i in kept], np.stack(maps)
     out = [_segmentation(result, sources, pixels, series, output_uid(uid, digest, "seg", 1), 1, manufacturer,
                          hd.seg.SegmentationTypeValues.FRACTIONAL, model_sha256)]
     if binary_threshold is not None and (pixels >= binary_threshold).any():
@@ -132,7 +135,7 @@ def _segmentation(result: StudyResult, sources: list[pydicom.Dataset], pixels: n
     with names_unquoted():
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixels, segmentation_type=kind,
-            segment_descriptions=[_description(result, result.study_instance_uid, model_sha256, binary)],
+            segment_descriptions=[_description(result, model_sha256, binary)],
             series_instance_uid=series, series_number=SERIES_NUMBER, sop_instance_uid=sop, instance_number=number,
             manufacturer=manufacturer, manufacturer_model_name=f"{model.get('name')}"[:64],
             software_versions=str(model.get("version", "0")), device_serial_number="0",

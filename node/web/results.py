@@ -19,7 +19,7 @@ from node.web.errors import WebError
 
 SKIP = {"Language of Content Item and Descendants", "Observer Type"}
 #: The pictures a person looks at are the Secondary Capture images; the SEG is for viewers that overlay it.
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = pydicom.uid.SecondaryCaptureImageStorage
 
 
 @dataclass(frozen=True)
