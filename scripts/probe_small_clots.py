@@ -64,6 +64,78 @@ class FineBranch(torch.nn.Module):
         return torch.relu(self.stem(x) + self.net(x))
 
 
+class DenseCam(torch.nn.Module):
+    """A top-down path from the last block back to block 1's grid (stride 4: 6 mm cells at 1.5 mm pixels),
+    the CAM computed there: the attention loss then says which 6 mm cell holds the clot, not which
+    24 mm one (the ``dense`` probe). The coarse CAM is kept and upsampled into it, so the decoder's
+    last convolution starts at zero and the network starts as the SliceNet it wraps."""
+
+    def __init__(self, net: torch.nn.Module, width: int, stride: int = 4):
+        super().__init__()
+        nn = torch.nn
+        self.net, self.stride = net, stride
+        c = 2 * width
+        self.lat4 = nn.Conv2d(8 * width, c, 1)
+        self.lat2 = nn.Conv2d(2 * width, c, 1)
+        self.lat1 = nn.Conv2d(width, c, 1) if stride == 4 else None
+        self.head = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, 1, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x: torch.Tensor):
+        f = torch.nn.functional
+        n = self.net
+        h = n.stem(x)
+        feats = []
+        for i, block in enumerate(n.body):
+            h = block(h)
+            if i in (1, 3):
+                feats.append(h)
+        coarse = torch.einsum("bchw,c->bhw", h, n.fc.weight[0]) + n.fc.bias[0]
+        p = self.lat4(h)
+        p = f.interpolate(p, size=feats[1].shape[-2:], mode="nearest") + self.lat2(feats[1])
+        if self.lat1 is not None:
+            p = f.interpolate(p, size=feats[0].shape[-2:], mode="nearest") + self.lat1(feats[0])
+        fine = self.head(p)[:, 0]
+        cam = f.interpolate(coarse[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)[:, 0] + fine
+        flat = cam.flatten(1)
+        nn_ = torch.tensor(float(flat.shape[1]))
+        logit = torch.logsumexp(flat, dim=1) - torch.log(nn_)
+        return logit, h.mean(dim=(2, 3)), cam
+
+
+def _dilate(b: np.ndarray, r: int) -> np.ndarray:
+    out = b.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(b, dy, -2), dx, -1)
+    return out
+
+
+def bright_border(pe: np.ndarray, clot: np.ndarray) -> int:
+    """Pixels within 2 px of the clot that are contrast-filled lumen at least 150 HU brighter than the
+    clot's mean (PE-window bytes of one crop or window, the clot's mask): the filling defect a reader
+    sees. An occluded small artery, a grey dot among grey dots, has none."""
+    hu = pe.astype(np.float32) / 255 * 700 - 250
+    if not clot.any():
+        return 0
+    c = float(hu[clot].mean())
+    ring = _dilate(clot, 2) & ~clot
+    return int((ring & (hu >= max(150.0, c + 150.0)) & (hu < 700)).sum())
+
+
+def bordered_spots(cache, spots: np.ndarray, masks: dict[int, int], need: int) -> np.ndarray:
+    keep = []
+    for k, (row, y, x) in enumerate(spots):
+        y0, x0 = max(int(y) - 6, 0), max(int(x) - 6, 0)
+        win = cache.images[int(row)][0, y0:y0 + 13, x0:x0 + 13]
+        clot = np.asarray(cache.masks[masks[int(row)]])[y0:y0 + 13, x0:x0 + 13] >= MASK_ON
+        if bright_border(win, clot) >= need:
+            keep.append(k)
+    return spots[keep]
+
+
 def placed_negative_crops(cache, spots: np.ndarray, negative_studies: list[dict], n: int, size: int,
                           rng: np.random.Generator) -> np.ndarray:
     """n crops of PE-negative studies placed where small clots lie: a clot pixel's row, y and x are
@@ -105,7 +177,7 @@ def rows_of(cache, uids: set[str], spot: tuple[int, int] = (10, 4)):
     return annotated, masks, neg, small, negative_studies
 
 
-def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
+def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray, border: np.ndarray | None = None) -> dict:
     model.eval()
     logits, hits = [], []
     with torch.no_grad():
@@ -119,12 +191,19 @@ def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
             hits.append(on.flatten(1)[torch.arange(len(peak)), peak].numpy())
     model.train()
     s, hit = np.concatenate(logits), np.concatenate(hits)
-    return {"auc": roc_auc(y, s), "peak_on_clot": float(hit[y == 1].mean())}
+    evaluate.last_scores = s  # type: ignore[attr-defined]
+    out = {"auc": roc_auc(y, s), "peak_on_clot": float(hit[y == 1].mean())}
+    if border is not None:  # positives that show a filling defect (>= 4 bright pixels beside), against all negatives
+        sel = (y == 0) | (border >= 4)
+        out["auc_defects"] = roc_auc(y[sel], s[sel])
+        sel = (y == 0) | ((y == 1) & (border == 0))
+        out["auc_grey_dots"] = roc_auc(y[sel], s[sel])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=["current", "fine", "strided"], required=True)
+    ap.add_argument("--arch", choices=["current", "fine", "strided", "dense", "dense8"], required=True)
     ap.add_argument("--config", type=Path, default=Path("training/configs/varied.yaml"))
     ap.add_argument("--splits", type=Path, default=Path("runs/v7/splits.json"))
     ap.add_argument("--train-cache", type=Path, required=True)
@@ -138,6 +217,11 @@ def main() -> None:
                     help="a small clot: at most this many clot pixels within --spot-radius (scale with the pixel)")
     ap.add_argument("--spot-radius", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="train on this share of the training split's studies (a learning-curve point)")
+    ap.add_argument("--bordered", type=int, default=0,
+                    help="train on small-clot spots with at least this many bright-lumen pixels beside the clot")
+    ap.add_argument("--save-crops", type=Path, help="npz of the validation crops, masks, labels and last scores")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. preprocess.context=1 or stage1.augmentation=flip-shift")
     a = ap.parse_args()
@@ -152,7 +236,16 @@ def main() -> None:
     spot = (a.spot_pixels, a.spot_radius)
     vx, vm, vy = batch_of(val, *rows_of(val, {st["study_instance_uid"] for st in val.studies}, spot), 2000, a.size,
                           np.random.default_rng(1))
-    annotated, masks, neg, small, negative_studies = rows_of(train, set(splits["train"]), spot)
+    train_uids = sorted(splits["train"])
+    if a.train_fraction < 1.0:
+        keep = np.random.default_rng(2).permutation(len(train_uids))[:round(a.train_fraction * len(train_uids))]
+        train_uids = [train_uids[int(i)] for i in keep]
+    annotated, masks, neg, small, negative_studies = rows_of(train, set(train_uids), spot)
+    vborder = np.array([bright_border(vx[i, 0], vm[i] >= MASK_ON) for i in range(len(vy))])
+    if a.bordered:
+        n0 = len(small)
+        small = bordered_spots(train, small, masks, a.bordered)
+        print(f"small-clot spots with >= {a.bordered} bright pixels beside: {len(small)} of {n0}", flush=True)
     plan = CropPlan(a.size, embolus=0.5, beside=0.15, small=1.0)
     model = build_slice_net(cfg)
     if a.arch == "fine":
@@ -160,6 +253,8 @@ def main() -> None:
     elif a.arch == "strided":  # the stem's 3x3 max pool replaced by a learned stride-2 convolution
         model.stem[3] = torch.nn.Sequential(torch.nn.Conv2d(s.width, s.width, 3, 2, 1, bias=False),
                                             torch.nn.BatchNorm2d(s.width), torch.nn.ReLU(inplace=True))
+    elif a.arch in ("dense", "dense8"):
+        model = DenseCam(model, s.width, 4 if a.arch == "dense" else 8)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=a.steps, pct_start=0.15)
     windows = cfg.preprocess.channel_windows()
@@ -183,10 +278,12 @@ def main() -> None:
         sched.step()
         if step % a.every == 0 or step == a.steps:
             row = {"step": step, "seconds": round(time.time() - t0), "bce": float(bce.detach()),
-                   "att": float(att.detach()), **evaluate(model, vx, vm, vy)}
+                   "att": float(att.detach()), **evaluate(model, vx, vm, vy, vborder)}
             curve.append(row)
             print(json.dumps(row), flush=True)
             a.out.write_text(json.dumps({"arch": a.arch, "overrides": a.overrides, "curve": curve}, indent=1))
+    if a.save_crops:
+        np.savez_compressed(a.save_crops, x=vx, m=vm, y=vy, scores=evaluate.last_scores)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
