@@ -101,6 +101,49 @@ def all_cmd(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     _show(report, run)
 
 
+@app.command("import")
+def import_cmd(
+    dataset: Annotated[str, typer.Argument(help="cad-pe or fumpe")],
+    src: Annotated[Path, typer.Argument(help="The public set's folder, unpacked (layouts in docs/training.md).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write in the RSNA-STR PE layout.")],
+    mask_order: Annotated[str, typer.Option(help="fumpe: instance (mask planes in InstanceNumber order) or "
+                                                  "reversed.")] = "instance",
+    copy: Annotated[bool, typer.Option(help="fumpe: copy the DICOM files instead of linking them.")] = False,
+    hu_offset: Annotated[float, typer.Option(help="cad-pe: added to every voxel (0 when the volumes hold HU).")] = 0.0,
+) -> None:
+    """Import CAD-PE or FUMPE with their reference masks; a rerun continues where the last one stopped."""
+    from training.public_sets import cadpe, fumpe
+    from training.public_sets.layout import RsnaLayout
+
+    if dataset not in ("cad-pe", "fumpe"):
+        raise TrainingError(f"dataset {dataset!r} is not cad-pe or fumpe")
+    cases = (cadpe if dataset == "cad-pe" else fumpe).find_cases(src)
+    layout = RsnaLayout(out, dataset)
+    skipped: list[tuple[str, str]] = []
+    imported = earlier = 0
+    with Progress(TextColumn(f"[bold]import {dataset}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("", total=len(cases))
+        for name, first, second in cases:
+            progress.update(task, description=name)
+            if layout.done(name):
+                earlier += 1
+            else:
+                try:
+                    if dataset == "cad-pe":
+                        cadpe.import_case(name, first, second, layout, hu_offset)
+                    else:
+                        fumpe.import_case(name, first, second, layout, mask_order=mask_order, copy=copy)
+                    imported += 1
+                except TrainingError as exc:
+                    skipped.append((name, str(exc)))
+                    console.print(f"[yellow]skipped {name}: {exc}[/yellow]")
+            progress.advance(task)
+    csv_path = layout.finish(skipped)
+    console.print(f"{imported} studies imported, {earlier} from an earlier run, {len(skipped)} skipped; "
+                  f"wrote {csv_path} and {out / 'import.json'}")
+
+
 def _show(report: dict, run: Path) -> None:
     pg = report["pointing_game"]
     console.print(f"study AUC {report['study_auc']:.3f} (95% CI {report['study_auc_ci95'][0]:.3f}-"
