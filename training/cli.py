@@ -14,12 +14,20 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from node.cli_runner import run_app
 from training import TrainingError
 from training.config import TrainConfig, load_train_config
-from training.data import SliceCache, build_cache, read_rsna, split_by_patient, with_training_only
+from training.data import (
+    SliceCache,
+    build_cache,
+    plan_cache,
+    preprocess_sample,
+    read_rsna,
+    split_by_patient,
+    with_training_only,
+)
 from training.engine import extract_features, train_stage1, train_stage2
 from training.evaluate import evaluate
 
@@ -52,11 +60,64 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
         task = progress.add_task("reading studies", total=len(studies))
         cache = build_cache(studies, cfg.preprocess.spec(), cache_dir, workers=max(1, min(4, torch.get_num_threads())),
                             progress=lambda i, n, msg: progress.update(task, completed=i, description=msg))
+    if cache.skipped:  # studies that could not be read: out of every split, named with the reason
+        for uid, why in sorted(cache.skipped.items()):
+            console.print(f"[yellow]study {uid} left out: {why}[/yellow]")
+        splits = {k: [u for u in v if u not in cache.skipped] for k, v in splits.items()}
+        (run / "splits.json").write_text(json.dumps(splits, indent=1))
     masked = sum(1 for s in studies if s.mask_file)
     console.print(f"{len(studies)} studies ({sum(s.label for s in studies)} PE, {masked} with sparse masks); "
                   f"split train/val/test = {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} "
                   f"studies by patient; {len(cache.images)} slices cached at {cache.folder}")
     return cfg, cache, splits
+
+
+@app.command("cache")
+def cache_cmd(config: ConfigOpt = None, set_: SetOpt = None,
+              workers: Annotated[int, typer.Option(help="Processes decoding studies.")] = 2,
+              estimate_only: Annotated[bool, typer.Option("--estimate", help="Print the estimate and stop.")] = False
+              ) -> None:
+    """Build the slice cache ahead of training: its size and time first, then the build; a killed build
+    continues where it stopped, and a study that cannot be read is named and left out."""
+    cfg = load_train_config(config, set_ or [])
+    studies = with_training_only(read_rsna(cfg.data.root), cfg.data.train_extra)
+    cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"
+    spec = cfg.preprocess.spec()
+    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("reading headers", total=len(studies))
+        plan = plan_cache(studies, spec, cache_dir,
+                          lambda i, n, msg: progress.update(task, completed=i, description=msg))
+    if plan.complete:
+        console.print(f"the cache is complete: {plan.folder}")
+        return
+    readable = [s for s in studies if s.study_instance_uid in plan.slabs]
+    if not readable:
+        raise TrainingError(f"no study could be read ({len(plan.skipped)} skipped)")
+    t0 = time.perf_counter()
+    sample = readable[0]
+    preprocess_sample(sample, spec)
+    per_image = (time.perf_counter() - t0) / max(1, len(sample.files))
+    images = sum(len(s.files) for s in readable)
+    seconds = per_image * images / max(1, workers)
+    size = f"{plan.bytes / 1e9:.1f} GB" if plan.bytes >= 1e9 else f"{plan.bytes / 1e6:.1f} MB"
+    took = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    n_bad = len(plan.skipped)
+    console.print(f"{len(readable)} studies, {images} images -> {plan.images} slabs of {spec.size} px: "
+                  f"{size} in {plan.folder}; about {took} with {workers} workers (measured on one study: "
+                  f"{per_image * 1000:.0f} ms per image)"
+                  + (f"; {n_bad} {'study' if n_bad == 1 else 'studies'} cannot be read and will be left out"
+                     if n_bad else ""))
+    if estimate_only:
+        return
+    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("caching slices", total=len(readable))
+        cache = build_cache(studies, spec, cache_dir, workers=workers, plan=plan,
+                            progress=lambda i, n, msg: progress.update(task, completed=i, total=n, description=msg))
+    for uid, why in sorted(cache.skipped.items()):
+        console.print(f"[yellow]study {uid} left out: {why}[/yellow]")
+    console.print(f"{len(cache.studies)} studies cached ({len(cache.skipped)} left out) at {cache.folder}")
 
 
 @app.command()

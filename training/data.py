@@ -14,10 +14,11 @@ import csv
 import hashlib
 import json
 import os
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,11 @@ class SliceCache:
     images: np.ndarray  # (N, C, S, S) uint8
     masks: np.ndarray  # (M, S, S) uint8, fraction of each pixel inside an embolus
     studies: list[dict]  # per study: uid, patient, label, start, count, image_labels, mask_rows, ...
+    skipped: dict[str, str] = field(default_factory=dict)  # StudyInstanceUID -> why it is not in the cache
 
     def study(self, uid: str) -> dict:
+        if uid in self.skipped:
+            raise TrainingError(f"study {uid} is not in the cache: {self.skipped[uid]}")
         return next(s for s in self.studies if s["study_instance_uid"] == uid)
 
 
@@ -181,7 +185,7 @@ def with_context(cache: SliceCache, context: int) -> SliceCache:
     if not context:
         return cache
     return SliceCache(cache.folder, ContextImages(cache.images, cache.studies, context),  # type: ignore[arg-type]
-                      cache.masks, cache.studies)
+                      cache.masks, cache.studies, cache.skipped)
 
 
 def _cache_key(studies: list[StudyRecord], spec: PreprocessSpec) -> str:
@@ -244,6 +248,16 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
     }
 
 
+def preprocess_sample(study: StudyRecord, spec: PreprocessSpec) -> int:
+    """Decode and preprocess one study without storing it (the cache's time estimate); returns its slabs."""
+    volume = read_volume(study.files)
+    spacing = float(np.median(np.abs(np.diff(volume.positions_mm)))) if len(volume.hu) > 1 else 0.0
+    hu = average_slabs(volume.hu, slab_size(spacing, spec.slab_spec()))
+    for lo in range(0, len(hu), 64):
+        preprocess(hu[lo:lo + 64], spec.slab_spec(), volume.pixel_spacing_mm)
+    return len(hu)
+
+
 def _slab_plan(study: StudyRecord, spec: PreprocessSpec) -> tuple[int, int]:
     """(slabs, annotated slabs) a study will take in the cache, read from its headers only."""
     index = index_series(study.files)
@@ -258,49 +272,133 @@ def _slab_plan(study: StudyRecord, spec: PreprocessSpec) -> tuple[int, int]:
     return n, len(slabs)
 
 
-def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path, *, workers: int = 1,
-                progress: Progress | None = None) -> SliceCache:
-    """Build (or reuse) the slice cache for these studies and this preprocessing.
+#: What a study that cannot be cached raises: it is reported and left out, the others go on.
+UNREADABLE = (TrainingError, OSError, ValueError, KeyError, IndexError, AttributeError, EOFError,
+              zipfile.BadZipFile, pydicom.errors.InvalidDicomError)
 
-    The cache holds each slab on its own (the spec without context); the returned cache adds a
-    context spec's neighbouring slabs as channels when indexed (with_context).
-    """
-    context, spec = spec.context, spec.slab_spec()
+
+def _fill_or_reason(job: tuple) -> dict:
+    """_fill, or {"error": reason} when the study cannot be decoded (runs in a worker)."""
+    try:
+        return _fill(job)
+    except UNREADABLE as exc:
+        return {"study_instance_uid": job[0].study_instance_uid, "error": f"{type(exc).__name__}: {exc}"}
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What a cache build will write, known from the headers alone (``plan_cache``)."""
+
+    folder: Path
+    slabs: dict[str, tuple[int, int]]  # StudyInstanceUID -> (slabs, annotated slabs)
+    skipped: dict[str, str]  # StudyInstanceUID -> why its headers could not be read
+    images: int
+    spec: PreprocessSpec
+
+    @property
+    def bytes(self) -> int:
+        masks = sum(m for _, m in self.slabs.values())
+        return (self.images * self.spec.channels + max(masks, 1)) * self.spec.size * self.spec.size
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / "index.json").is_file()
+
+
+def plan_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path,
+               progress: Progress | None = None) -> CachePlan:
+    """Read every study's headers: the cache's folder, its size, and the studies it must leave out."""
+    spec = spec.slab_spec()
     folder = Path(cache_dir) / _cache_key(studies, spec)
-    if (folder / "index.json").is_file():
-        return with_context(open_cache(folder), context)
-    folder.mkdir(parents=True, exist_ok=True)
-    plans = {}
+    slabs, skipped = {}, {}
     for i, s in enumerate(studies, 1):
-        plans[s.study_instance_uid] = _slab_plan(s, spec)
+        try:
+            slabs[s.study_instance_uid] = _slab_plan(s, spec)
+        except UNREADABLE as exc:
+            skipped[s.study_instance_uid] = f"{type(exc).__name__}: {exc}"
         if progress and i % 50 == 0:
             progress(i, len(studies), "reading headers")
-    n_total = sum(n for n, _ in plans.values())
-    annotated = {uid: m for uid, (_, m) in plans.items() if m}
+    return CachePlan(folder, slabs, skipped, sum(n for n, _ in slabs.values()), spec)
+
+
+def build_cache(studies: list[StudyRecord], spec: PreprocessSpec, cache_dir: Path, *, workers: int = 1,
+                progress: Progress | None = None, plan: CachePlan | None = None) -> SliceCache:
+    """Build (or reuse, or finish) the slice cache for these studies and this preprocessing.
+
+    The cache holds each slab on its own (the spec without context); the returned cache adds a
+    context spec's neighbouring slabs as channels when indexed (with_context). A study whose headers
+    or pixels cannot be read is left out and named in ``SliceCache.skipped`` with the reason; the
+    others are cached. Every finished study is recorded in ``done.jsonl`` as it completes, so a build
+    that was killed continues with the studies it had not reached (same studies, same spec).
+    """
+    context = spec.context
+    if plan is None:
+        folder = Path(cache_dir) / _cache_key(studies, spec.slab_spec())
+        if (folder / "index.json").is_file():
+            return with_context(open_cache(folder), context)
+        plan = plan_cache(studies, spec, cache_dir, progress)
+    spec, folder = plan.spec, plan.folder
+    if plan.complete:
+        return with_context(open_cache(folder), context)
+    if not plan.slabs:
+        raise TrainingError(f"no study could be read ({len(plan.skipped)} skipped), e.g. "
+                            f"{next(iter(plan.skipped.values()), 'no studies given')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    n_total = plan.images
+    annotated = {uid: m for uid, (_, m) in plan.slabs.items() if m}
     n_masks = sum(annotated.values())
-    images_path, masks_path = folder / "images.u8", folder / "masks.u8"
-    np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(n_total, spec.channels, spec.size, spec.size)).flush()
-    np.memmap(masks_path, dtype=np.uint8, mode="w+", shape=(max(n_masks, 1), spec.size, spec.size)).flush()
+    images_path, masks_path, done_path = folder / "images.u8", folder / "masks.u8", folder / "done.jsonl"
+    layout = {"spec": spec.to_dict(), "n_images": n_total, "n_masks": n_masks}
+    layout_path = folder / "layout.json"
+    resumed: dict[str, dict] = {}
+    if layout_path.is_file() and json.loads(layout_path.read_text()) == layout and images_path.is_file():
+        for line in done_path.read_text().splitlines() if done_path.is_file() else []:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the build was killed
+                continue
+            resumed[entry["study_instance_uid"]] = entry
+    else:
+        np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(n_total, spec.channels, spec.size, spec.size)).flush()
+        np.memmap(masks_path, dtype=np.uint8, mode="w+", shape=(max(n_masks, 1), spec.size, spec.size)).flush()
+        done_path.write_text("")
+        layout_path.write_text(json.dumps(layout))
     jobs, start, mask_start = [], 0, 0
     for s in studies:
-        jobs.append((s, start, mask_start, str(images_path), str(masks_path), spec.to_dict(), n_total))
-        start += plans[s.study_instance_uid][0]
+        if s.study_instance_uid not in plan.slabs:
+            continue
+        if s.study_instance_uid not in resumed:
+            jobs.append((s, start, mask_start, str(images_path), str(masks_path), spec.to_dict(), n_total))
+        start += plan.slabs[s.study_instance_uid][0]
         mask_start += annotated.get(s.study_instance_uid, 0)
-    index = []
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for i, entry in enumerate(pool.map(_fill, jobs), 1):
+    skipped = dict(plan.skipped)
+    index = [e for e in resumed.values() if "error" not in e]
+    skipped.update({u: e["error"] for u, e in resumed.items() if "error" in e})
+    with done_path.open("a") as log:
+        def record(entry: dict, i: int) -> None:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            if "error" in entry:
+                skipped[entry["study_instance_uid"]] = entry["error"]
+            else:
                 index.append(entry)
-                if progress:
-                    progress(i, len(jobs), "caching slices")
-    else:
-        for i, job in enumerate(jobs, 1):
-            index.append(_fill(job))
             if progress:
-                progress(i, len(jobs), "caching slices")
+                progress(len(resumed) + i, len(resumed) + len(jobs), "caching slices")
+
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for i, entry in enumerate(pool.map(_fill_or_reason, jobs), 1):
+                    record(entry, i)
+        else:
+            for i, job in enumerate(jobs, 1):
+                record(_fill_or_reason(job), i)
+    if not index:
+        raise TrainingError(f"no study could be cached ({len(skipped)} skipped), e.g. {next(iter(skipped.values()))}")
+    index.sort(key=lambda e: e["start"])
     tmp = folder / "index.json.tmp"
     tmp.write_text(json.dumps({"spec": spec.to_dict(), "n_images": n_total, "n_masks": n_masks,
-                               "studies": index}))
+                               "studies": index, "skipped": skipped}))
     os.replace(tmp, folder / "index.json")  # the cache exists only once it is complete
     return with_context(open_cache(folder), context)
 
@@ -312,4 +410,4 @@ def open_cache(folder: Path) -> SliceCache:
                        shape=(index["n_images"], spec.channels, spec.size, spec.size))
     masks = np.memmap(Path(folder) / "masks.u8", dtype=np.uint8, mode="r",
                       shape=(max(index["n_masks"], 1), spec.size, spec.size))
-    return SliceCache(Path(folder), images, masks, index["studies"])
+    return SliceCache(Path(folder), images, masks, index["studies"], index.get("skipped", {}))
