@@ -51,14 +51,14 @@ def test_a_killed_build_continues_with_the_studies_it_had_not_reached(dataset, t
     studies = read_rsna(dataset)
     reference = build_cache(studies, SPEC, tmp_path / "fresh")
 
-    class Killed(Exception):
+    class KilledError(Exception):
         pass
 
     def kill_after_two(i: int, n: int, message: str) -> None:
         if message == "caching slices" and i == 2:
-            raise Killed
+            raise KilledError
 
-    with pytest.raises(Killed):
+    with pytest.raises(KilledError):
         build_cache(studies, SPEC, tmp_path / "resumed", progress=kill_after_two)
     assert not any((tmp_path / "resumed").glob("*/index.json"))  # not a cache yet
     calls: list[tuple[int, int]] = []
