@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from node.cli_runner import run_app
-from training import TrainingError
+from training import TrainingError, distributed
 from training.config import TrainConfig, load_train_config
 from training.data import (
     SliceCache,
@@ -36,7 +36,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Train the two-stage PE model (Shi et al., MIDL 2020) on an RSNA-STR PE style dataset.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Training config YAML.")]
-RunOpt = Annotated[Path, typer.Option("--run", help="Run folder (checkpoints, logs, report).")]
+# --run-dir too: under torchrun, whose own parser reads a bare --run as its --run-path
+RunOpt = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (checkpoints, logs, report).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
 
 
@@ -44,8 +45,12 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     cfg = load_train_config(config, overrides or [])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    r = distributed.init(cfg.device)  # under torchrun: join the process group (one process otherwise)
+    if not r.main:  # rank 0 writes the run folder and builds the cache; the others read them
+        distributed.barrier()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
+    if r.main:
+        (run / "config.yaml").write_text(cfg.to_yaml())
     own = read_rsna(cfg.data.root)
     parts = split_by_patient(own, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                              seed=cfg.data.split_seed)
@@ -53,20 +58,25 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     held_out = {s.study_instance_uid for name in ("val", "test") for s in parts[name]}
     parts["train"] = [s for s in studies if s.study_instance_uid not in held_out]
     splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}
-    (run / "splits.json").write_text(json.dumps(splits, indent=1))
+    if r.main:
+        (run / "splits.json").write_text(json.dumps(splits, indent=1))
     cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"
     with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console) as progress:
+                  TextColumn("{task.description}"), console=console, disable=not r.main) as progress:
         task = progress.add_task("reading studies", total=len(studies))
         cache = build_cache(studies, cfg.preprocess.spec(), cache_dir, workers=max(1, min(4, torch.get_num_threads())),
                             progress=lambda i, n, msg: progress.update(task, completed=i, description=msg))
     if cache.skipped:  # studies that could not be read: out of every split, named with the reason
-        for uid, why in sorted(cache.skipped.items()):
-            console.print(f"[yellow]study {uid} left out: {why}[/yellow]")
         splits = {k: [u for u in v if u not in cache.skipped] for k, v in splits.items()}
-        (run / "splits.json").write_text(json.dumps(splits, indent=1))
+        if r.main:
+            for uid, why in sorted(cache.skipped.items()):
+                console.print(f"[yellow]study {uid} left out: {why}[/yellow]")
+            (run / "splits.json").write_text(json.dumps(splits, indent=1))
+    if r.main:
+        distributed.barrier()  # the cache and the run folder exist: the other processes go on
     masked = sum(1 for s in studies if s.mask_file)
-    console.print(f"{len(studies)} studies ({sum(s.label for s in studies)} PE, {masked} with sparse masks); "
+    if r.main:
+        console.print(f"{len(studies)} studies ({sum(s.label for s in studies)} PE, {masked} with sparse masks); "
                   f"split train/val/test = {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} "
                   f"studies by patient; {len(cache.images)} slices cached at {cache.folder}")
     return cfg, cache, splits
@@ -125,6 +135,7 @@ def stage1(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train the slice ResNet (classification + attention loss); resumes from RUN/stage1_last.pt."""
     cfg, cache, splits = _prepare(config, run, set_)
     train_stage1(cfg, cache, splits, run)
+    distributed.finish()
 
 
 @app.command()
@@ -132,6 +143,7 @@ def features(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None
     """Extract stage-1 features of every slice (RUN/features.npy)."""
     cfg, cache, _ = _prepare(config, run, set_)
     extract_features(cfg, cache, run)
+    distributed.finish()
 
 
 @app.command()
@@ -139,13 +151,16 @@ def stage2(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train the recurrent study model on the frozen features."""
     cfg, cache, splits = _prepare(config, run, set_)
     train_stage2(cfg, cache, splits, run)
+    distributed.finish()
 
 
 @app.command("evaluate")
 def evaluate_cmd(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate on the held-out test split: RUN/report.json, roc.png, cam_grid.png."""
     cfg, cache, splits = _prepare(config, run, set_)
-    _show(evaluate(cfg, cache, splits, run), run)
+    if distributed.ranks().main:
+        _show(evaluate(cfg, cache, splits, run), run)
+    distributed.finish()
 
 
 @app.command("all")
@@ -156,10 +171,13 @@ def all_cmd(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     train_stage1(cfg, cache, splits, run)
     extract_features(cfg, cache, run)
     train_stage2(cfg, cache, splits, run)
-    report = evaluate(cfg, cache, splits, run)
-    report["seconds_total"] = round(time.perf_counter() - start, 1)
-    (run / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    _show(report, run)
+    if distributed.ranks().main:
+        report = evaluate(cfg, cache, splits, run)
+        report["seconds_total"] = round(time.perf_counter() - start, 1)
+        report["processes"] = distributed.ranks().world
+        (run / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        _show(report, run)
+    distributed.finish()
 
 
 @app.command("import")

@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from node.preprocess import PreprocessSpec, to_float
-from training import TrainingError
+from training import TrainingError, distributed
 from training.augment import geometry, intensity
 from training.config import Stage1Settings, TrainConfig
 from training.crops import CropPlan, crop_batch, small_clot_spots
@@ -36,9 +37,8 @@ console = Console()
 
 
 def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' asked for, but torch sees no CUDA device")
-    return torch.device("cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    """The training device: under torchrun, this process's GPU (distributed.device_for)."""
+    return distributed.device_for(setting)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,8 +60,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _progress() -> Progress:
+    """A progress bar on rank 0 (other torchrun processes stay quiet)."""
     return Progress(TextColumn("[bold]{task.fields[stage]}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+                    TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                    disable=not distributed.ranks().main)
 
 
 class EpochLog:
@@ -171,7 +173,7 @@ def _batch(cache: SliceCache, rows: np.ndarray, masks: dict[int, int]) -> tuple[
     return images, mask, has_mask
 
 
-def _step_loss(model: SliceNet, s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+def _step_loss(model: torch.nn.Module, s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
                has_mask: np.ndarray, rng: np.random.Generator, windows: list[tuple[float, float]],
                device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice BCE and attention loss of one batch (augmented here).
@@ -230,6 +232,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     """Train the slice network; returns the path of the best checkpoint (by validation slice AUC)."""
     s = cfg.stage1
     device = pick_device(cfg.device)
+    r = distributed.ranks()
     seed_everything(cfg.seed)
     model = build_slice_net(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -241,14 +244,16 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     if s.init is not None and not last.is_file():  # a second schedule on a first run's (or a bundle's) weights
         from_bundle = is_bundle(Path(s.init))
         load_initial_weights(model, initial_state(cfg, Path(s.init), model))
-        console.print(f"stage 1: starting from the weights of {s.init}")
+        if r.main:
+            console.print(f"stage 1: starting from the weights of {s.init}")
     if last.is_file():  # resume
         ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
-        console.print(f"stage 1: resuming after epoch {start_epoch}")
+        if r.main:
+            console.print(f"stage 1: resuming after epoch {start_epoch}")
     pos, neg, masks = _rows(cache, set(splits["train"]))
     if not len(pos) or not len(neg):
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
@@ -257,16 +262,19 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         n = recalibrate_batchnorm(model, (torch.from_numpy(to_float(_batch(cache, np.concatenate(
             [brng.choice(pos, s.batch_size // 4), brng.choice(neg, s.batch_size - s.batch_size // 4)]), masks)[0]))
             .to(device) for _ in range(16)))
-        console.print(f"stage 1: {n} batch norms recalibrated on {16 * s.batch_size} training slabs")
+        if r.main:
+            console.print(f"stage 1: {n} batch norms recalibrated on {16 * s.batch_size} training slabs")
     vpos, vneg, _ = _rows(cache, set(splits["val"]))
     vrng = np.random.default_rng(cfg.seed + 17)
     if len(vpos) > 400:  # a fixed sample keeps the per-epoch check cheap on a large validation split
         vpos = np.sort(vrng.permutation(vpos)[:400])
     val_rows = np.concatenate([vpos, vrng.permutation(vneg)[: max(3 * len(vpos), 200)]])
     val_labels = np.concatenate([np.ones(len(vpos)), np.zeros(len(val_rows) - len(vpos))])
-    n_pos = max(1, round(s.batch_size * s.positive_fraction))
-    n_hard = round((s.batch_size - n_pos) * s.hard_negatives)
-    n_matched = round((s.batch_size - n_pos - n_hard) * s.matched_negatives)
+    batch_size = distributed.share(s.batch_size, r)  # this process's part of each step (all of it alone)
+    crop_size = distributed.share(s.crop_batch, r)
+    n_pos = max(1, round(batch_size * s.positive_fraction))
+    n_hard = round((batch_size - n_pos) * s.hard_negatives)
+    n_matched = round((batch_size - n_pos - n_hard) * s.matched_negatives)
     windows = cfg.preprocess.channel_windows()  # the context channels are PE-window channels
     hard = np.zeros(0, dtype=np.int64)
     hard_spots = np.zeros((0, 3), dtype=np.int64)
@@ -276,42 +284,52 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     if crop_plan is not None and not len(annotated):
         raise TrainingError("stage1.crop needs annotated PE slices (pixel masks) in the training split")
     small_spots = small_clot_spots(cache.masks, annotated, masks) if crop_plan and s.small_clot_crops else None
-    if small_spots is not None:
+    if small_spots is not None and r.main:
         console.print(f"stage 1: {len(np.unique(small_spots[:, 0]))} of {len(annotated)} annotated training "
                       f"slabs hold a small clot ({len(small_spots)} pixels)")
     log = EpochLog(run_dir, "stage1")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over the processes
     with _progress() as progress:
         task = progress.add_task("", total=total, completed=start_epoch * s.steps_per_epoch, stage="stage 1")
         for epoch in range(start_epoch, s.epochs):
-            rng = np.random.default_rng([cfg.seed, epoch])
+            rng = np.random.default_rng([cfg.seed, epoch])  # the same on every process: the hard-negative pool
             if n_hard and epoch > 0:
                 pool = np.sort(rng.choice(neg, min(s.hard_pool, len(neg)), replace=False))
                 scores, peaks = slice_scores_and_peaks(model, cache, pool, device)
                 top = np.argsort(-scores)[: max(1, len(pool) // 4)]
                 hard = pool[top]
                 hard_spots = np.column_stack([hard, peaks[top]])
+            if r.active:  # each process draws its share of the batches from its own stream
+                rng = np.random.default_rng([cfg.seed, epoch, 1 + r.rank])
             model.train()
             t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
             for step in range(s.steps_per_epoch):
                 k_hard = n_hard if len(hard) else 0
                 rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, n_matched, p=neg_p),
                                        rng.choice(hard, k_hard) if k_hard else np.zeros(0, dtype=np.int64),
-                                       rng.choice(neg, s.batch_size - n_pos - n_matched - k_hard)])
+                                       rng.choice(neg, batch_size - n_pos - n_matched - k_hard)])
                 images, mask, has_mask = _batch(cache, rows, masks)
                 labels = np.isin(np.sort(rows), pos).astype(np.float32)
-                bce, att = _step_loss(model, s, images, mask, labels, has_mask, rng, windows, device, autocast)
-                if crop_plan is not None:
-                    cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, s.crop_batch,
-                                              crop_plan, rng, hard_spots, small_spots)
-                    cbce, catt = _step_loss(model, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
-                                            device, autocast)
-                    bce, att = (bce + cbce) / 2, (att + catt) / 2
-                loss = bce + s.attention_weight * att
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"stage 1: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                # Full slices, then crops: two forward passes, two backward passes, one optimiser step
+                # (the gradient of the mean of both losses; under DDP the first pass does not sync).
+                half = 0.5 if crop_plan is not None else 1.0
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with net.no_sync() if r.active and crop_plan is not None else nullcontext():  # type: ignore[operator]
+                    bce, att = _step_loss(net, s, images, mask, labels, has_mask, rng, windows, device, autocast)
+                    part = bce + s.attention_weight * att
+                    _finite(part, epoch, step)
+                    (half * part).backward()
+                if crop_plan is not None:
+                    cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, crop_size,
+                                              crop_plan, rng, hard_spots, small_spots)
+                    cbce, catt = _step_loss(net, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
+                                            device, autocast)
+                    cpart = cbce + s.attention_weight * catt
+                    _finite(cpart, epoch, step)
+                    (half * cpart).backward()
+                    bce, att = (bce + cbce) / 2, (att + catt) / 2
+                loss = (bce + s.attention_weight * att).detach()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
                 opt.step()
                 sched.step()
@@ -322,11 +340,21 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{s.epochs} "
                                 f"loss {sums['loss'] / (step + 1):.3f} (bce {sums['bce'] / (step + 1):.3f}, "
                                 f"attention {sums['attention'] / (step + 1):.3f})")
-            val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device)) if len(vpos) else float("nan")
+            val_auc = float("nan")
+            if len(vpos) and r.main:  # rank 0 validates; every process takes its figure
+                val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device))
+            val_auc = distributed.broadcast_float(val_auc)
             n = s.steps_per_epoch
-            row = {"epoch": epoch + 1, "loss": sums["loss"] / n, "bce": sums["bce"] / n,
-                   "attention": sums["attention"] / n, "annotated_per_batch": sums["annotated"] / n,
+            mean = distributed.mean_over_ranks([sums["loss"], sums["bce"], sums["attention"], sums["annotated"]])
+            row = {"epoch": epoch + 1, "loss": mean[0] / n, "bce": mean[1] / n,
+                   "attention": mean[2] / n, "annotated_per_batch": mean[3] / n * r.world,
                    "val_slice_auc": val_auc, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            improved = np.isnan(val_auc) or val_auc >= best
+            if improved and not np.isnan(val_auc):
+                best = val_auc
+            if not r.main:
+                distributed.barrier()  # rank 0 writes the epoch's log and checkpoints
+                continue
             log.write(row)
             if on_epoch:
                 on_epoch(row)
@@ -334,9 +362,6 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 console.print(f"stage 1 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f} (bce {row['bce']:.3f}, "
                               f"attention {row['attention']:.3f}), val slice AUC {val_auc:.3f}, "
                               f"{row['seconds']:.0f} s")
-            improved = np.isnan(val_auc) or val_auc >= best
-            if improved and not np.isnan(val_auc):
-                best = val_auc
             payload = {"stage": "stage1", "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                        "scheduler": sched.state_dict(), "config": cfg.model_dump(mode="json"),
                        "preprocess": cfg.preprocess.spec().to_dict(), "feature_dim": model.feature_dim,
@@ -344,7 +369,13 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             if improved:
                 save_checkpoint(best_path, payload)
             save_checkpoint(last, payload)
+            distributed.barrier()
     return best_path
+
+
+def _finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"stage 1: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
 
 
 def load_slice_net(path: Path, device: torch.device) -> tuple[SliceNet, dict]:
@@ -356,7 +387,13 @@ def load_slice_net(path: Path, device: torch.device) -> tuple[SliceNet, dict]:
 
 
 def extract_features(cfg: TrainConfig, cache: SliceCache, run_dir: Path) -> Path:
-    """Run the best stage-1 network over every cached slice: features.npy and slice_logits.npy."""
+    """Run the best stage-1 network over every cached slice: features.npy and slice_logits.npy.
+
+    Under torchrun rank 0 extracts and the other processes wait for its files."""
+    out = run_dir / "features.npy"
+    if not distributed.ranks().main:
+        distributed.barrier()
+        return out
     device = pick_device(cfg.device)
     model, ckpt = load_slice_net(run_dir / "stage1.pt", device)
     if PreprocessSpec.from_dict(ckpt["preprocess"]) != cfg.preprocess.spec():
@@ -373,8 +410,8 @@ def extract_features(cfg: TrainConfig, cache: SliceCache, run_dir: Path) -> Path
             logits[lo:lo + len(x)] = logit.float().cpu().numpy()
             progress.update(task, advance=len(x))
     np.save(run_dir / "slice_logits.npy", logits)
-    out = run_dir / "features.npy"
     np.save(out, feats)
+    distributed.barrier()
     return out
 
 
@@ -411,6 +448,7 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     """Train the sequence model on frozen stage-1 features; returns the best checkpoint (val study AUC)."""
     s = cfg.stage2
     device = pick_device(cfg.device)
+    r = distributed.ranks()
     seed_everything(cfg.seed + 1)
     feats = np.load(run_dir / "features.npy")
     train, val = study_sequences(cache, feats, splits["train"]), study_sequences(cache, feats, splits["val"])
@@ -420,19 +458,24 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     rng = np.random.default_rng(cfg.seed)
     train_rows = np.concatenate([f.numpy() for f, _, _ in train]) if train else feats
     spread = torch.from_numpy(train_rows.std(axis=0).astype(np.float32))[None, None, :]
+    net = distributed.wrap(model, device, some_unused=True)
     with _progress() as progress:
         task = progress.add_task("", total=s.epochs, stage="stage 2")
         for epoch in range(s.epochs):
             model.train()
-            order, total = rng.permutation(len(train)), 0.0
+            order, total = rng.permutation(len(train)), 0.0  # the same order on every process
             for lo in range(0, len(order), s.batch_size):
-                x, lengths, y, sl = _pad([train[i] for i in order[lo:lo + s.batch_size]], device)
+                batch = order[lo:lo + s.batch_size]
+                if len(batch) < r.world:  # a last batch too small to share: every process skips it
+                    continue
+                batch = batch[r.rank::r.world]  # this process's share of the batch
+                x, lengths, y, sl = _pad([train[i] for i in batch], device)
                 if s.feature_scale > 0 or s.feature_noise > 0:
                     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
                     scale = torch.exp(s.feature_scale * torch.randn(x.shape[0], 1, x.shape[2], generator=g))
                     noise = s.feature_noise * spread * torch.randn(x.shape, generator=g)
                     x = x * scale.to(device) + noise.to(device)
-                study_logit, slice_logits = model(x, lengths)
+                study_logit, slice_logits = net(x, lengths)
                 loss = slice_loss(study_logit, y)
                 known = sl >= 0
                 if s.slice_loss_weight > 0 and bool(known.any()):
@@ -442,13 +485,18 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 opt.step()
                 total += loss.item() * len(y)
-            scores = study_scores(model, val, device)
-            labels = np.array([lab for _, lab, _ in val])
-            val_auc = roc_auc(labels, scores) if len(val) else float("nan")
-            val_loss = float(np.mean(-(labels * np.log(scores + 1e-7) + (1 - labels) * np.log(1 - scores + 1e-7))))
+            val_auc = val_loss = float("nan")
+            if r.main:  # rank 0 validates; every process takes its figures
+                scores = study_scores(model, val, device)
+                labels = np.array([lab for _, lab, _ in val])
+                val_auc = roc_auc(labels, scores) if len(val) else float("nan")
+                val_loss = float(np.mean(-(labels * np.log(scores + 1e-7) + (1 - labels) * np.log(1 - scores + 1e-7))))
+            val_auc, val_loss = distributed.broadcast_float(val_auc), distributed.broadcast_float(val_loss)
+            total = distributed.mean_over_ranks([total])[0] * r.world
             row = {"epoch": epoch + 1, "loss": total / len(train), "val_study_auc": val_auc, "val_loss": val_loss}
-            log.write(row)
-            if not console.is_terminal and ((epoch + 1) % 10 == 0 or epoch + 1 == s.epochs):
+            if r.main:
+                log.write(row)
+            if r.main and not console.is_terminal and ((epoch + 1) % 10 == 0 or epoch + 1 == s.epochs):
                 console.print(f"stage 2 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f}, "
                               f"val study AUC {val_auc:.3f}")
             if on_epoch:
@@ -456,9 +504,11 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             progress.update(task, advance=1, description=f"loss {row['loss']:.3f} val AUC {val_auc:.3f}")
             if np.isnan(val_auc) or (val_auc, -val_loss) >= (best, -best_loss):
                 best, best_loss = (val_auc if not np.isnan(val_auc) else best), val_loss
-                save_checkpoint(path, {"stage": "stage2", "epoch": epoch, "model": model.state_dict(),
+                if r.main:
+                    save_checkpoint(path, {"stage": "stage2", "epoch": epoch, "model": model.state_dict(),
                                        "config": cfg.model_dump(mode="json"), "feature_dim": feats.shape[1],
                                        "val_study_auc": val_auc, "val_loss": val_loss})
+    distributed.barrier()
     return path
 
 
