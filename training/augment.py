@@ -90,3 +90,15 @@ def geometry(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator, windows
     x = F.grid_sample(x - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + air
     m = F.grid_sample(m[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
     return x, m
+
+
+def flip_shift(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flips and shifts of up to 6 % of the field, applied alike to images and masks."""
+    x, m = x.clone(), m.clone()
+    size = x.shape[-1]
+    for i in range(x.shape[0]):
+        if rng.random() < 0.5:
+            x[i], m[i] = x[i].flip(-1), m[i].flip(-1)
+        dy, dx = (int(v) for v in rng.integers(-size // 16, size // 16 + 1, 2))
+        x[i], m[i] = x[i].roll((dy, dx), (-2, -1)), m[i].roll((dy, dx), (-2, -1))
+    return x, m

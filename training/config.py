@@ -79,6 +79,8 @@ class Stage1Settings(_Section):
     # Share of each batch's negatives taken from the highest-scoring negatives of a random pool,
     # re-scored every epoch from the second on (hard negatives: mimics such as veins, flow artefacts).
     hard_negatives: float = Field(default=0.0, ge=0, le=1)
+    # DataLoader workers that read, crop and augment each step's batches (training/loader.py); 0: none.
+    workers: int = Field(default=0, ge=0, le=64)
     hard_pool: int = Field(default=768, ge=32)
     # Share of the PE-negative crops centred on the CAM peak of those hard negatives (the very spot
     # that fooled the network last epoch: a flow artefact, a bifurcation, a lymph node).

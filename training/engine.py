@@ -24,11 +24,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from node.preprocess import PreprocessSpec, to_float
 from training import TrainingError, distributed
-from training.augment import geometry, intensity
 from training.config import Stage1Settings, TrainConfig
-from training.crops import CropPlan, crop_batch, small_clot_spots
+from training.crops import CropPlan, small_clot_spots
 from training.data import SliceCache
 from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batchnorm, state_from_onnx
+from training.loader import EpochPlan, augment, epoch_loader, slab_rows
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
 from training.models import SliceNet, StudyNet
@@ -148,56 +148,30 @@ def matched_weights(cache: SliceCache, pos: np.ndarray, neg: np.ndarray, bins: i
     return w / w.sum() if w.sum() > 0 else np.full(len(neg), 1.0 / len(neg))
 
 
-def _augment(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-right flips and shifts of up to 6 % of the field, applied alike to images and masks."""
-    x, m = x.clone(), m.clone()
-    size = x.shape[-1]
-    for i in range(x.shape[0]):
-        if rng.random() < 0.5:
-            x[i], m[i] = x[i].flip(-1), m[i].flip(-1)
-        dy, dx = (int(v) for v in rng.integers(-size // 16, size // 16 + 1, 2))
-        x[i], m[i] = x[i].roll((dy, dx), (-2, -1)), m[i].roll((dy, dx), (-2, -1))
-    return x, m
-
-
-def _batch(cache: SliceCache, rows: np.ndarray, masks: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.argsort(rows)  # sequential reads from the memory map
-    rows = rows[order]
-    images = cache.images[rows]
-    mask = np.zeros((len(rows), *images.shape[-2:]), dtype=np.uint8)
-    has_mask = np.zeros(len(rows), dtype=bool)
-    for i, r in enumerate(rows):
-        if int(r) in masks:
-            mask[i] = cache.masks[masks[int(r)]]
-            has_mask[i] = True
-    return images, mask, has_mask
-
-
 def _step_loss(model: torch.nn.Module, s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.ndarray,
                has_mask: np.ndarray, rng: np.random.Generator, windows: list[tuple[float, float]],
                device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slice BCE and attention loss of one batch (augmented here).
+    """Slice BCE and attention loss of one uint8 batch, augmented here (the probes' entry point)."""
+    x, m = augment(s, images, mask, rng, windows)
+    return batch_loss(model, s, x, m, torch.from_numpy(labels), torch.from_numpy(has_mask), device, autocast)
+
+
+def batch_loss(model: torch.nn.Module, s: Stage1Settings, x: torch.Tensor, m: torch.Tensor, labels: torch.Tensor,
+               has_mask: torch.Tensor, device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice BCE and attention loss of one augmented batch.
 
     ``has_mask``: the slice's pixel mask is complete (an annotated slab or a crop of one). The
     ``cells`` form also supervises every PE-negative slice (its mask is empty by definition); the
     other forms only the annotated PE slices, as in the paper.
     """
-    x = torch.from_numpy(to_float(images)).to(device)
-    m = (torch.from_numpy(mask).float() / 255.0).to(device)
-    if s.augment and s.augmentation == "full":
-        x, m = geometry(x, m, rng, windows)
-        x = intensity(x, windows, rng)
-    elif s.augment:
-        x, m = _augment(x, m, rng)
+    x, m = x.to(device, non_blocking=True), m.to(device, non_blocking=True)
     with autocast:
         logit, _, cam = model(x)
-    y = torch.from_numpy(labels).to(device)
+    y = labels.to(device)
     bce = slice_loss(logit, y)
     att = torch.zeros((), device=device)
-    if s.attention_loss == "cells":
-        known = torch.from_numpy(has_mask | (labels == 0)).to(device)
-    else:
-        known = torch.from_numpy(has_mask & (labels == 1)).to(device)
+    known = (has_mask | (labels == 0)) if s.attention_loss == "cells" else (has_mask & (labels == 1))
+    known = known.to(device)
     if s.attention_weight > 0 and bool(known.any()):
         att = attention_loss(cam[known], m[known], s.attention_loss)
     return bce, att
@@ -259,7 +233,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         raise TrainingError("stage 1 needs PE-positive and PE-negative slices in the training split")
     if from_bundle:  # folded BNs: give them this training data's statistics before the first step
         brng = np.random.default_rng(cfg.seed + 29)
-        n = recalibrate_batchnorm(model, (torch.from_numpy(to_float(_batch(cache, np.concatenate(
+        n = recalibrate_batchnorm(model, (torch.from_numpy(to_float(slab_rows(cache, np.concatenate(
             [brng.choice(pos, s.batch_size // 4), brng.choice(neg, s.batch_size - s.batch_size // 4)]), masks)[0]))
             .to(device) for _ in range(16)))
         if r.main:
@@ -300,31 +274,29 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                 top = np.argsort(-scores)[: max(1, len(pool) // 4)]
                 hard = pool[top]
                 hard_spots = np.column_stack([hard, peaks[top]])
-            if r.active:  # each process draws its share of the batches from its own stream
-                rng = np.random.default_rng([cfg.seed, epoch, 1 + r.rank])
+            plan = EpochPlan(cache.folder, cfg.preprocess.context, s, windows, pos, neg, neg_p, hard, hard_spots,
+                             annotated, masks, small_spots, crop_plan, n_pos, n_matched, n_hard, batch_size, crop_size,
+                             cfg.seed, epoch, r.rank, s.steps_per_epoch)
+            batches = iter(epoch_loader(plan, cache, s.workers, pin=device.type == "cuda"))
             model.train()
-            t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0}
+            t0, sums = time.perf_counter(), {"loss": 0.0, "bce": 0.0, "attention": 0.0, "annotated": 0, "wait": 0.0}
             for step in range(s.steps_per_epoch):
-                k_hard = n_hard if len(hard) else 0
-                rows = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, n_matched, p=neg_p),
-                                       rng.choice(hard, k_hard) if k_hard else np.zeros(0, dtype=np.int64),
-                                       rng.choice(neg, batch_size - n_pos - n_matched - k_hard)])
-                images, mask, has_mask = _batch(cache, rows, masks)
-                labels = np.isin(np.sort(rows), pos).astype(np.float32)
+                waited = time.perf_counter()
+                b = next(batches)
+                sums["wait"] += time.perf_counter() - waited
+                has_mask = b["has_mask"]
                 # Full slices, then crops: two forward passes, two backward passes, one optimiser step
                 # (the gradient of the mean of both losses; under DDP the first pass does not sync).
                 half = 0.5 if crop_plan is not None else 1.0
                 opt.zero_grad(set_to_none=True)
                 with net.no_sync() if r.active and crop_plan is not None else nullcontext():  # type: ignore[operator]
-                    bce, att = _step_loss(net, s, images, mask, labels, has_mask, rng, windows, device, autocast)
+                    bce, att = batch_loss(net, s, b["x"], b["m"], b["labels"], has_mask, device, autocast)
                     part = bce + s.attention_weight * att
                     _finite(part, epoch, step)
                     (half * part).backward()
                 if crop_plan is not None:
-                    cx, cm, clab = crop_batch(cache.images, cache.masks, annotated, masks, neg, crop_size,
-                                              crop_plan, rng, hard_spots, small_spots)
-                    cbce, catt = _step_loss(net, s, cx, cm, clab, np.ones(len(clab), bool), rng, windows,
-                                            device, autocast)
+                    cbce, catt = batch_loss(net, s, b["cx"], b["cm"], b["clabels"],
+                                            torch.ones(len(b["clabels"]), dtype=torch.bool), device, autocast)
                     cpart = cbce + s.attention_weight * catt
                     _finite(cpart, epoch, step)
                     (half * cpart).backward()
@@ -348,7 +320,8 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             mean = distributed.mean_over_ranks([sums["loss"], sums["bce"], sums["attention"], sums["annotated"]])
             row = {"epoch": epoch + 1, "loss": mean[0] / n, "bce": mean[1] / n,
                    "attention": mean[2] / n, "annotated_per_batch": mean[3] / n * r.world,
-                   "val_slice_auc": val_auc, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+                   "val_slice_auc": val_auc, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+                   "loader_wait_seconds": sums["wait"]}
             improved = np.isnan(val_auc) or val_auc >= best
             if improved and not np.isnan(val_auc):
                 best = val_auc
