@@ -47,6 +47,24 @@ def test_echo_answers_success_to_an_allowed_caller(node):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_an_open_association_looks_for_the_next_pdu_every_tenth_of_a_millisecond(tmp_path):
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
+                                                   f"node.port={free_port()}"])
+    (tmp_path / "var").mkdir()
+    server = start_scp(cfg, Store(database_url(cfg.storage.root)))
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
+        assert assoc.is_established
+        (ours,) = server.active_associations
+        assert ours.dul._run_loop_delay == pytest.approx(0.0001)  # pynetdicom waits 1 ms by default
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("syntax, flag", [("explicit", "-xe"), ("jpeg2000", "-xv")])
 def test_a_series_from_storescu_is_spooled_byte_for_byte_and_recorded_once(node, tmp_path, syntax, flag):
     cfg, store = node
