@@ -110,7 +110,7 @@ def _calibration(cache: SliceCache, uids: list[str], n: int, seed: int) -> np.nd
         st = cache.study(uid)
         rows += [st["start"] + k for k, lab in enumerate(st["image_labels"]) if lab == 1]
     positives = rng.permutation(rows)[: n // 2].tolist()
-    others = rng.choice(len(cache.images), n - len(positives), replace=False).tolist()
+    others = rng.choice(len(cache.images), min(n - len(positives), len(cache.images)), replace=False).tolist()
     return to_float(cache.images[sorted(set(positives + others))])
 
 

@@ -21,7 +21,7 @@ import torch
 from node.bundle import SPEC_METADATA_KEY, TensorInfo
 from node.preprocess import PreprocessSpec
 from onnx_export import ExportError
-from training.models import SliceNet, StudyNet
+from training.models import ConvLSTMStudyNet, SliceNet, StudyNet
 
 OPSET = 17
 STAGE1_INPUTS, STAGE1_OUTPUTS = ["image"], ["slice_logit", "feature", "cam"]
@@ -37,6 +37,29 @@ class _Stage2(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(features)
+
+
+class _ConvLSTMStage2(torch.nn.Module):
+    """The ConvLSTM stage 2 for export, scripted whole: its loops over slices become ONNX Loops, so the
+    graph takes any number of slices. Every slice valid (no padding), dropout off: ``net(features)``."""
+
+    def __init__(self, net: ConvLSTMStudyNet):
+        super().__init__()
+        self.k, self.grid, self.offset = net.k, net.grid, net.offset
+        self.norm, self.forward_scan, self.backward_scan = net.norm, net.forward_scan, net.backward_scan
+        self.slice_head, self.study_head = net.slice_head, net.study_head
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, g, k = features.shape[0], features.shape[1], self.grid, self.k
+        maps = features[:, :, self.offset:self.offset + k * g * g].reshape(b, t, k, g, g)
+        scores = features[:, :, -2:].reshape(b, t, 2, 1, 1).expand(b, t, 2, g, g)
+        x = torch.cat([maps, scores], dim=2)
+        x = self.norm(x.reshape(b * t, k + 2, g, g)).reshape(b, t, k + 2, g, g)
+        hidden = torch.cat([self.forward_scan(x), self.backward_scan(x.flip([1])).flip([1])], dim=2)
+        per_slice = hidden.amax(dim=[3, 4])
+        slice_logits = self.slice_head(per_slice).squeeze(-1)
+        study = self.study_head(torch.cat([per_slice.amax(dim=1), per_slice.mean(dim=1)], dim=1)).squeeze(-1)
+        return study, slice_logits
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, inputs: list[str], outputs: list[str],
@@ -106,10 +129,16 @@ def export_stage1(net: SliceNet, spec: PreprocessSpec, path: Path) -> None:
                 [{"slice_logit": (b,), "feature": (b, feature.shape[1]), "cam": (b, *cam.shape[1:])} for b in (1, 3)])
 
 
-def export_stage2(net: StudyNet, feature_dim: int, path: Path) -> None:
+def export_stage2(net: StudyNet | ConvLSTMStudyNet, feature_dim: int, path: Path) -> None:
     """Study network: features (B, T, F) -> study_logit (B), slice_logits (B, T)."""
     example = torch.randn(2, 40, feature_dim)
-    _export(_Stage2(net), example, path, STAGE2_INPUTS, STAGE2_OUTPUTS,
+    if isinstance(net, ConvLSTMStudyNet):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module: torch.nn.Module = torch.jit.script(_ConvLSTMStage2(net.eval()))
+    else:
+        module = _Stage2(net)
+    _export(module, example, path, STAGE2_INPUTS, STAGE2_OUTPUTS,
             {"features": {0: "batch", 1: "slices"}, "study_logit": {0: "batch"},
              "slice_logits": {0: "batch", 1: "slices"}})
     _set_metadata(path, {"petriage.stage": "stage2"})

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node.config import apply_overrides, describe, read_yaml
 from node.errors import ConfigError
@@ -81,6 +81,10 @@ class Stage1Settings(_Section):
     hard_negatives: float = Field(default=0.0, ge=0, le=1)
     # DataLoader workers that read, crop and augment each step's batches (training/loader.py); 0: none.
     workers: int = Field(default=0, ge=0, le=64)
+    # Spatial maps appended to each slice's feature vector for a ConvLSTM stage 2: the CAM and
+    # (spatial_channels - 1) channel-group means of the last feature map, pooled to spatial_grid cells a side.
+    spatial_channels: int = Field(default=0, ge=0, le=17)
+    spatial_grid: int = Field(default=6, ge=1, le=32)
     hard_pool: int = Field(default=768, ge=32)
     # Share of the PE-negative crops centred on the CAM peak of those hard negatives (the very spot
     # that fooled the network last epoch: a flow artefact, a bifurcation, a lymph node).
@@ -95,7 +99,9 @@ class Stage1Settings(_Section):
 
 
 class Stage2Settings(_Section):
-    rnn: Literal["gru", "lstm"] = "gru"
+    # convlstm: the authors' patent's variant, a ConvLSTM over stage 1's spatial maps (needs
+    # stage1.spatial_channels and stage1.feature_scores); gru/lstm read the pooled vectors or the scores.
+    rnn: Literal["gru", "lstm", "convlstm"] = "gru"
     inputs: Literal["all", "scores"] = "all"  # "scores": the slice logit and CAM peak only
     hidden: int = Field(default=64, ge=4)
     layers: int = Field(default=1, ge=1, le=4)
@@ -128,6 +134,13 @@ class TrainConfig(_Section):
     stage1: Stage1Settings = Field(default_factory=Stage1Settings)
     stage2: Stage2Settings = Field(default_factory=Stage2Settings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _convlstm_has_its_maps(self) -> TrainConfig:
+        if self.stage2.rnn == "convlstm" and (self.stage1.spatial_channels < 1 or not self.stage1.feature_scores):
+            raise ValueError("stage2.rnn=convlstm reads stage 1's spatial maps and scores: set "
+                             "stage1.spatial_channels >= 1 and stage1.feature_scores=true")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

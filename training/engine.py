@@ -31,7 +31,7 @@ from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batch
 from training.loader import EpochPlan, augment, epoch_loader, slab_rows
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
-from training.models import SliceNet, StudyNet
+from training.models import SliceNet, build_study_net
 
 console = Console()
 
@@ -87,7 +87,14 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
     s = cfg.stage1
     return SliceNet(depth=s.depth, width=s.width, in_channels=cfg.preprocess.spec().channels,
                     output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
-                    feature_scores=s.feature_scores)
+                    feature_scores=s.feature_scores, spatial_channels=s.spatial_channels,
+                    spatial_grid=s.spatial_grid)
+
+
+def build_stage2(cfg: TrainConfig, feature_dim: int) -> torch.nn.Module:
+    s = cfg.stage2
+    return build_study_net(feature_dim, s.rnn, s.hidden, s.layers, s.dropout, s.inputs,
+                           cfg.stage1.spatial_channels, cfg.stage1.spatial_grid)
 
 
 def initial_state(cfg: TrainConfig, path: Path, model: SliceNet) -> dict[str, torch.Tensor]:
@@ -410,7 +417,7 @@ def _pad(batch, device):
     return x.to(device), lengths, y.to(device), sl.to(device)
 
 
-def study_scores(model: StudyNet, seqs, device) -> np.ndarray:
+def study_scores(model: torch.nn.Module, seqs, device) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return np.array([torch.sigmoid(model(f[None].to(device))[0]).item() for f, _, _ in seqs])
@@ -425,7 +432,7 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     seed_everything(cfg.seed + 1)
     feats = np.load(run_dir / "features.npy")
     train, val = study_sequences(cache, feats, splits["train"]), study_sequences(cache, feats, splits["val"])
-    model = StudyNet(feats.shape[1], s.hidden, s.layers, s.rnn, s.dropout, s.inputs).to(device)
+    model = build_stage2(cfg, feats.shape[1]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     log, best, best_loss, path = EpochLog(run_dir, "stage2"), -1.0, np.inf, run_dir / "stage2.pt"
     rng = np.random.default_rng(cfg.seed)
@@ -485,9 +492,8 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     return path
 
 
-def load_study_net(path: Path, device: torch.device) -> StudyNet:
+def load_study_net(path: Path, device: torch.device) -> torch.nn.Module:
     ckpt = load_checkpoint(path)
-    s = TrainConfig.model_validate(ckpt["config"]).stage2
-    model = StudyNet(ckpt["feature_dim"], s.hidden, s.layers, s.rnn, s.dropout, s.inputs)
+    model = build_stage2(TrainConfig.model_validate(ckpt["config"]), ckpt["feature_dim"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

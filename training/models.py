@@ -19,7 +19,10 @@ slices' verdicts cannot learn the scanner from 512 feature dimensions.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -48,9 +51,11 @@ class SliceNet(nn.Module):
     """ResNet-18/34 (plain torch) returning slice logit, pooled feature and CAM."""
 
     def __init__(self, depth: int = 18, width: int = 64, in_channels: int = 3, output_stride: int = 16,
-                 pooling: str = "lse", lse_r: float = 1.0, feature_scores: bool = False):
+                 pooling: str = "lse", lse_r: float = 1.0, feature_scores: bool = False, spatial_channels: int = 0,
+                 spatial_grid: int = 6):
         super().__init__()
         self.feature_scores = feature_scores
+        self.spatial_channels, self.spatial_grid = spatial_channels, spatial_grid
         if pooling not in ("avg", "lse"):
             raise ValueError(f"pooling {pooling!r} is not avg or lse")
         self.pooling, self.lse_r = pooling, lse_r
@@ -67,7 +72,9 @@ class SliceNet(nn.Module):
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, 1)
-        self.feature_dim = 2 * cin + (2 if feature_scores else 0)
+        if spatial_channels > 1 and cin % (spatial_channels - 1):
+            raise ValueError(f"spatial_channels - 1 = {spatial_channels - 1} does not divide {cin} feature channels")
+        self.feature_dim = 2 * cin + spatial_channels * spatial_grid**2 + (2 if feature_scores else 0)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -86,10 +93,26 @@ class SliceNet(nn.Module):
             logit = (torch.logsumexp(self.lse_r * flat, dim=1) - torch.log(n)) / self.lse_r
         attention = torch.softmax(flat, dim=1).view_as(cam)
         parts = [fmap.mean(dim=(2, 3)), torch.einsum("bchw,bhw->bc", fmap, attention)]
+        if self.spatial_channels:  # a small map for a ConvLSTM: the CAM, then channel-group means of the features
+            maps = [cam[:, None]]
+            if self.spatial_channels > 1:
+                b, c, h, w = fmap.shape
+                k = self.spatial_channels - 1
+                maps.append(fmap.reshape(b, k, c // k, h, w).mean(dim=2))
+            grid = F.adaptive_avg_pool2d(torch.cat(maps, dim=1), self.spatial_grid)
+            parts.append(grid.flatten(1))
         if self.feature_scores:  # the slice's own verdict, last: its logit and its CAM's peak
             parts += [logit[:, None], flat.amax(dim=1, keepdim=True)]
         feature = torch.cat(parts, dim=1)
         return logit, feature, cam
+
+
+def build_study_net(feature_dim: int, rnn: str, hidden: int, layers: int = 1, dropout: float = 0.2,
+                    inputs: str = "all", spatial_channels: int = 0, spatial_grid: int = 6) -> nn.Module:
+    """Stage 2 as configured: the bidirectional GRU/LSTM (``StudyNet``) or the ConvLSTM."""
+    if rnn == "convlstm":
+        return ConvLSTMStudyNet(feature_dim, spatial_channels, spatial_grid, hidden, dropout)
+    return StudyNet(feature_dim, hidden, layers, rnn, dropout, inputs)
 
 
 class StudyNet(nn.Module):
@@ -132,3 +155,89 @@ class StudyNet(nn.Module):
         pooled_mean = (out * v).sum(dim=1) / v.sum(dim=1).clamp(min=1)
         study_logit = self.study_head(torch.cat([pooled_max, pooled_mean], dim=1))[:, 0]
         return study_logit, slice_logits
+
+
+class _Scan(nn.Module):
+    """One direction of a ConvLSTM over a sequence of maps (B, T, C, g, g) -> hidden maps (B, T, H, g, g).
+
+    Scripted (torch.jit.script) so that its loop over slices stays a loop in ONNX: any number of slices."""
+
+    def __init__(self, cin: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.conv = nn.Conv2d(cin + hidden, 4 * hidden, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _, gh, gw = x.shape
+        h = torch.zeros(b, self.hidden, gh, gw, dtype=x.dtype, device=x.device)
+        c = torch.zeros(b, self.hidden, gh, gw, dtype=x.dtype, device=x.device)
+        out = []
+        for k in range(t):
+            i, f, g, o = torch.chunk(self.conv(torch.cat([x[:, k], h], dim=1)), 4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out.append(h)
+        return torch.stack(out, dim=1)
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence of (B, T, ...) reversed within its own length (padding stays at the end)."""
+    if lengths is None:
+        return x.flip(1)
+    t = x.shape[1]
+    steps = torch.arange(t, device=x.device)[None, :]
+    n = lengths.to(x.device)[:, None]
+    index = torch.where(steps < n, n - 1 - steps, steps)
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class ConvLSTMStudyNet(nn.Module):
+    """Stage 2 as in the authors' patent (US 11,875,898): a bidirectional ConvLSTM that scans the slices'
+    spatial maps rather than their pooled vectors.
+
+    It reads, from each slice's stage-1 feature vector, the ``spatial_channels`` maps of ``grid`` x ``grid``
+    cells that a SliceNet with ``spatial_channels`` appends (its CAM and channel-group means of its last
+    feature map) and the slice's two scores, spread over the grid as two more channels. Slice logits come
+    from each slice's hidden maps (both directions, maximum over the grid), the study logit from their
+    maximum and mean over the slices, as in ``StudyNet``; same inputs, same outputs, same bundle format.
+    """
+
+    def __init__(self, feature_dim: int, spatial_channels: int, grid: int = 6, hidden: int = 8,
+                 dropout: float = 0.2):
+        super().__init__()
+        if spatial_channels < 1:
+            raise ValueError("a ConvLSTM stage 2 needs stage-1 spatial maps (stage1.spatial_channels >= 1)")
+        self.k, self.grid = spatial_channels, grid
+        self.offset = feature_dim - 2 - spatial_channels * grid * grid
+        if self.offset < 0:
+            raise ValueError(f"feature_dim {feature_dim} is too small for {spatial_channels} maps of "
+                             f"{grid} x {grid} and 2 scores")
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.GroupNorm(1, spatial_channels + 2)
+        with warnings.catch_warnings():  # torch marks jit.script deprecated; 2.13 (pinned) has it, and
+            warnings.simplefilter("ignore", DeprecationWarning)  # its loops are what ONNX Loop is made from
+            self.forward_scan = torch.jit.script(_Scan(spatial_channels + 2, hidden))
+            self.backward_scan = torch.jit.script(_Scan(spatial_channels + 2, hidden))
+        self.slice_head = nn.Linear(2 * hidden, 1)
+        self.study_head = nn.Linear(4 * hidden, 1)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = features.shape
+        g = self.grid
+        maps = features[..., self.offset:self.offset + self.k * g * g].reshape(b, t, self.k, g, g)
+        scores = features[..., -2:][..., None, None].expand(b, t, 2, g, g)
+        x = torch.cat([maps, scores], dim=2)
+        x = self.drop(self.norm(x.reshape(b * t, self.k + 2, g, g)).reshape(b, t, self.k + 2, g, g))
+        hidden = torch.cat([self.forward_scan(x), reverse_padded(self.backward_scan(reverse_padded(x, lengths)),
+                                                                 lengths)], dim=2)
+        per_slice = hidden.amax(dim=(3, 4))  # (B, T, 2H)
+        slice_logits = self.slice_head(per_slice)[..., 0]
+        if lengths is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=features.device)
+        else:
+            valid = torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None]
+        v = valid[..., None]
+        pooled_max = per_slice.masked_fill(~v, float("-inf")).amax(dim=1)
+        pooled_mean = (per_slice * v).sum(dim=1) / v.sum(dim=1).clamp(min=1)
+        return self.study_head(torch.cat([pooled_max, pooled_mean], dim=1))[:, 0], slice_logits
