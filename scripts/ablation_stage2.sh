@@ -1,4 +1,5 @@
 #!/bin/bash
+# Usage: scripts/ablation_stage2.sh (from the repository root, after the varied recipe data exist; ~25 min on 2 cores)
 # ConvLSTM vs GRU stage 2 on the same frozen stage 1 (bundle 0.3.0's weights + spatial maps), both tests.
 set -e
 cd /work/main
@@ -7,7 +8,7 @@ COMMON="--set stage1.spatial_channels=3"
 CONV="$COMMON --set stage2.rnn=convlstm --set stage2.hidden=8"
 GRU="$COMMON"
 T0=$(date +%s)
-.venv/bin/python runs/ablation/make_stage1.py runs/abl-convlstm stage1.spatial_channels=3 stage2.rnn=convlstm stage2.hidden=8
+.venv/bin/python scripts/stage1_from_bundle.py runs/abl-convlstm stage1.spatial_channels=3 stage2.rnn=convlstm stage2.hidden=8
 .venv/bin/petriage-train features --config $C --run runs/abl-convlstm $CONV
 echo "features $(( $(date +%s) - T0 )) s"
 mkdir -p runs/abl-gru
@@ -20,6 +21,6 @@ for arm in convlstm gru; do
   .venv/bin/petriage-train evaluate --config $C --run runs/abl-$arm $S
   .venv/bin/petriage-export runs/abl-$arm --out runs/abl-$arm-bundle --name abl-$arm --version 0.3.0-$arm
   .venv/bin/python scripts/check_bundle.py --bundle runs/abl-$arm-bundle \
-      --test in-distribution=data/varied:runs/abl-gru/splits.json --test shifted=data/shifted --out runs/abl-$arm-check
+      --test in-distribution=data/varied:runs/abl-convlstm/splits.json --test shifted=data/shifted --out runs/abl-$arm-check
   echo "$arm done $(( $(date +%s) - T0 )) s"
 done

@@ -1,4 +1,9 @@
-"""Stage 1 of bundle 0.3.0 (its weights, unchanged) with spatial maps appended, as a run's stage1.pt."""
+"""Stage 1 of the demo bundle (its weights, unchanged; config overrides may add spatial maps) as a run's stage1.pt.
+
+    .venv/bin/python scripts/stage1_from_bundle.py RUN [section.key=value ...]
+
+Then ``petriage-train features|stage2|evaluate --run RUN`` train and test another stage 2 on it.
+"""
 import sys
 from pathlib import Path
 
@@ -12,7 +17,7 @@ model = build_slice_net(cfg)
 load_initial_weights(model, initial_state(cfg, Path("models/demo"), model))
 run.mkdir(parents=True, exist_ok=True)
 save_checkpoint(run / "stage1.pt", {"stage": "stage1", "epoch": 0, "model": model.state_dict(),
-                                    "config": cfg.model_dump(mode="json"), "preprocess": cfg.preprocess.spec().to_dict(),
-                                    "feature_dim": model.feature_dim, "best": float("nan"),
-                                    "val_slice_auc": float("nan")})
+                                    "config": cfg.model_dump(mode="json"),
+                                    "preprocess": cfg.preprocess.spec().to_dict(), "feature_dim": model.feature_dim,
+                                    "best": float("nan"), "val_slice_auc": float("nan")})
 print("stage1.pt", run, model.feature_dim)
