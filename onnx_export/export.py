@@ -145,7 +145,7 @@ def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: b
                           "int8 calibration (regenerate it with the command in the run's config)")
     say("reading the run's dataset (slice cache)")
     cache = build_cache(read_datasets(cfg.data.root, cfg.data.train_extra), spec,
-                        cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
+                        cfg.data.cache_folder)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".partial")

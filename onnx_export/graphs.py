@@ -21,7 +21,7 @@ import torch
 from node.bundle import SPEC_METADATA_KEY, TensorInfo
 from node.preprocess import PreprocessSpec
 from onnx_export import ExportError
-from training.models import ConvLSTMStudyNet, SliceNet, StudyNet
+from training.models import ConvLSTMStudyNet, SliceNet, StudyNet, convlstm_inputs, pool_slices
 
 OPSET = 17
 STAGE1_INPUTS, STAGE1_OUTPUTS = ["image"], ["slice_logit", "feature", "cam"]
@@ -41,7 +41,8 @@ class _Stage2(torch.nn.Module):
 
 class _ConvLSTMStage2(torch.nn.Module):
     """The ConvLSTM stage 2 for export, scripted whole: its loops over slices become ONNX Loops, so the
-    graph takes any number of slices. Every slice valid (no padding), dropout off: ``net(features)``."""
+    graph takes any number of slices. ``net(features)`` with every slice valid and dropout off, from the
+    same pieces (``convlstm_inputs``, the scans, ``pool_slices``); only the padding handling is left out."""
 
     def __init__(self, net: ConvLSTMStudyNet):
         super().__init__()
@@ -50,16 +51,14 @@ class _ConvLSTMStage2(torch.nn.Module):
         self.slice_head, self.study_head = net.slice_head, net.study_head
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, g, k = features.shape[0], features.shape[1], self.grid, self.k
-        maps = features[:, :, self.offset:self.offset + k * g * g].reshape(b, t, k, g, g)
-        scores = features[:, :, -2:].reshape(b, t, 2, 1, 1).expand(b, t, 2, g, g)
-        x = torch.cat([maps, scores], dim=2)
-        x = self.norm(x.reshape(b * t, k + 2, g, g)).reshape(b, t, k + 2, g, g)
+        x = convlstm_inputs(features, self.offset, self.k, self.grid)
+        b, t, c, g = x.shape[0], x.shape[1], self.k + 2, self.grid
+        x = self.norm(x.reshape(b * t, c, g, g)).reshape(b, t, c, g, g)
         hidden = torch.cat([self.forward_scan(x), self.backward_scan(x.flip([1])).flip([1])], dim=2)
         per_slice = hidden.amax(dim=[3, 4])
-        slice_logits = self.slice_head(per_slice).squeeze(-1)
-        study = self.study_head(torch.cat([per_slice.amax(dim=1), per_slice.mean(dim=1)], dim=1)).squeeze(-1)
-        return study, slice_logits
+        valid = torch.ones(b, t, dtype=torch.bool, device=features.device)
+        study = self.study_head(pool_slices(per_slice, valid)).squeeze(-1)
+        return study, self.slice_head(per_slice).squeeze(-1)
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, inputs: list[str], outputs: list[str],

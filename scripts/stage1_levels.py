@@ -34,7 +34,7 @@ SPLITS = ("train", "val")
 def run_levels(run: Path) -> dict:
     cfg = load_train_config(run / "config.yaml")
     studies = read_datasets(cfg.data.root, cfg.data.train_extra)
-    cache = build_cache(studies, cfg.preprocess.spec(), cfg.data.cache_dir or Path(cfg.data.root) / ".cache")
+    cache = build_cache(studies, cfg.preprocess.spec(), cfg.data.cache_folder)
     logits = np.load(run / "slice_logits.npy")
     if len(logits) != len(cache.images):
         raise SystemExit(f"{run}: {len(logits)} slice logits for {len(cache.images)} cached slices")

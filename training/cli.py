@@ -41,6 +41,13 @@ RunOpt = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (ch
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
 
 
+def _cache_progress(*, remaining: bool = False, disable: bool = False) -> Progress:
+    """The cache's progress bar (with a time-remaining column where the build is the whole command)."""
+    columns = [TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, *([TimeRemainingColumn()] if remaining else []), TextColumn("{task.description}"),
+                    console=console, disable=disable)
+
+
 def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tuple[TrainConfig, SliceCache, dict]:
     cfg = load_train_config(config, overrides or [])
     if cfg.threads:
@@ -60,9 +67,8 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     splits = {k: [s.study_instance_uid for s in v] for k, v in parts.items()}
     if r.main:
         (run / "splits.json").write_text(json.dumps(splits, indent=1))
-    cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"
-    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console, disable=not r.main) as progress:
+    cache_dir = cfg.data.cache_folder
+    with _cache_progress(disable=not r.main) as progress:
         task = progress.add_task("reading studies", total=len(studies))
         cache = build_cache(studies, cfg.preprocess.spec(), cache_dir, workers=max(1, min(4, torch.get_num_threads())),
                             progress=lambda i, n, msg: progress.update(task, completed=i, description=msg))
@@ -91,10 +97,9 @@ def cache_cmd(config: ConfigOpt = None, set_: SetOpt = None,
     continues where it stopped, and a study that cannot be read is named and left out."""
     cfg = load_train_config(config, set_ or [])
     studies = with_training_only(read_rsna(cfg.data.root), cfg.data.train_extra)
-    cache_dir = cfg.data.cache_dir or Path(cfg.data.root) / ".cache"
+    cache_dir = cfg.data.cache_folder
     spec = cfg.preprocess.spec()
-    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console) as progress:
+    with _cache_progress(remaining=True) as progress:
         task = progress.add_task("reading headers", total=len(studies))
         plan = plan_cache(studies, spec, cache_dir,
                           lambda i, n, msg: progress.update(task, completed=i, description=msg))
@@ -120,8 +125,7 @@ def cache_cmd(config: ConfigOpt = None, set_: SetOpt = None,
                      if n_bad else ""))
     if estimate_only:
         return
-    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console) as progress:
+    with _cache_progress(remaining=True) as progress:
         task = progress.add_task("caching slices", total=len(readable))
         cache = build_cache(studies, spec, cache_dir, workers=workers, plan=plan,
                             progress=lambda i, n, msg: progress.update(task, completed=i, total=n, description=msg))

@@ -27,6 +27,11 @@ class DataSettings(_Section):
     # stay the root's own split, so runs with and without them are measured on the same studies.
     train_extra: list[Path] = []
 
+    @property
+    def cache_folder(self) -> Path:
+        """Where slice caches live: ``cache_dir``, else ``<root>/.cache``."""
+        return self.cache_dir or Path(self.root) / ".cache"
+
 
 class PreprocessSettings(_Section):
     windows: list[tuple[float, float]] = [(100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0)]

@@ -197,22 +197,37 @@ def _cache_key(studies: list[StudyRecord], spec: PreprocessSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def _spacing(positions_mm) -> float:
+    """A series' slice spacing: the median step between its slice positions (0 for one slice)."""
+    return float(np.median(np.abs(np.diff(positions_mm)))) if len(positions_mm) > 1 else 0.0
+
+
+def _slab_volume(study: StudyRecord, spec: PreprocessSpec):
+    """(volume, slices per slab, slab HU): the study decoded, sorted and averaged into slabs.
+
+    Thin slices are averaged into slabs as the node does at inference (node.inference); a slab's
+    label is positive when any of its slices is, its mask the union of its slices' masks."""
+    volume = read_volume(study.files)
+    k = slab_size(_spacing(volume.positions_mm), spec)
+    return volume, k, average_slabs(volume.hu, k)
+
+
+def _preprocessed(hu: np.ndarray, spec: PreprocessSpec, pixel_mm):
+    """(first slab, model input) 64 slabs at a time: bounded memory for long series."""
+    for lo in range(0, len(hu), 64):
+        yield lo, preprocess(hu[lo:lo + 64], spec, pixel_mm)
+
+
 def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
     """Decode, sort and preprocess one study into the shared memory maps (runs in a worker)."""
     study, start, mask_start, images_path, masks_path, spec_dict, n_total = args
     spec = PreprocessSpec.from_dict(spec_dict)
-    volume = read_volume(study.files)
-    spacing = float(np.median(np.abs(np.diff(volume.positions_mm)))) if len(volume.hu) > 1 else 0.0
-    k = slab_size(spacing, spec)
-    # Thin slices are averaged into slabs as the node does at inference (node.inference); a slab's
-    # label is positive when any of its slices is, its mask the union of its slices' masks.
-    hu = average_slabs(volume.hu, k)
+    volume, k, hu = _slab_volume(study, spec)
     n = len(hu)
     groups = [list(range(i, min(i + k, len(volume.hu)))) for i in range(0, len(volume.hu), k)]
     images = np.memmap(images_path, dtype=np.uint8, mode="r+",
                        shape=(n_total, spec.channels, spec.size, spec.size))
-    for lo in range(0, n, 64):  # bounded memory for long series
-        chunk = preprocess(hu[lo:lo + 64], spec, volume.pixel_spacing_mm)
+    for lo, chunk in _preprocessed(hu, spec, volume.pixel_spacing_mm):
         images[start + lo:start + lo + len(chunk)] = chunk
     images.flush()
     mask_rows: dict[int, int] = {}
@@ -250,19 +265,16 @@ def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
 
 def preprocess_sample(study: StudyRecord, spec: PreprocessSpec) -> int:
     """Decode and preprocess one study without storing it (the cache's time estimate); returns its slabs."""
-    volume = read_volume(study.files)
-    spacing = float(np.median(np.abs(np.diff(volume.positions_mm)))) if len(volume.hu) > 1 else 0.0
-    hu = average_slabs(volume.hu, slab_size(spacing, spec.slab_spec()))
-    for lo in range(0, len(hu), 64):
-        preprocess(hu[lo:lo + 64], spec.slab_spec(), volume.pixel_spacing_mm)
+    volume, _, hu = _slab_volume(study, spec.slab_spec())
+    for _ in _preprocessed(hu, spec.slab_spec(), volume.pixel_spacing_mm):
+        pass
     return len(hu)
 
 
 def _slab_plan(study: StudyRecord, spec: PreprocessSpec) -> tuple[int, int]:
     """(slabs, annotated slabs) a study will take in the cache, read from its headers only."""
     index = index_series(study.files)
-    spacing = float(np.median(np.abs(np.diff(index.positions_mm)))) if len(index) > 1 else 0.0
-    k = slab_size(spacing, spec)
+    k = slab_size(_spacing(index.positions_mm), spec)
     n = -(-len(index) // k)
     if study.mask_file is None:
         return n, 0

@@ -150,11 +150,25 @@ class StudyNet(nn.Module):
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
             valid = torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]
         slice_logits = self.slice_head(out)[..., 0]
-        v = valid[..., None]
-        pooled_max = out.masked_fill(~v, float("-inf")).amax(dim=1)
-        pooled_mean = (out * v).sum(dim=1) / v.sum(dim=1).clamp(min=1)
-        study_logit = self.study_head(torch.cat([pooled_max, pooled_mean], dim=1))[:, 0]
+        study_logit = self.study_head(pool_slices(out, valid))[:, 0]
         return study_logit, slice_logits
+
+
+def pool_slices(per_slice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) per-slice states and (B, T) validity -> (B, 2D): their maximum and mean over the valid slices."""
+    v = valid[..., None]
+    pooled_max = per_slice.masked_fill(~v, float("-inf")).amax(dim=1)
+    pooled_mean = (per_slice * v).sum(dim=1) / v.sum(dim=1).clamp(min=1)
+    return torch.cat([pooled_max, pooled_mean], dim=1)
+
+
+def convlstm_inputs(features: torch.Tensor, offset: int, k: int, grid: int) -> torch.Tensor:
+    """(B, T, F) stage-1 features -> (B, T, k + 2, grid, grid): the k maps a SliceNet with spatial_channels
+    appended at ``offset``, then the two scores (the last two features) spread over the grid."""
+    b, t = features.shape[0], features.shape[1]
+    maps = features[:, :, offset:offset + k * grid * grid].reshape(b, t, k, grid, grid)
+    scores = features[:, :, -2:].reshape(b, t, 2, 1, 1).expand(b, t, 2, grid, grid)
+    return torch.cat([maps, scores], dim=2)
 
 
 class _Scan(nn.Module):
@@ -225,9 +239,7 @@ class ConvLSTMStudyNet(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = features.shape
         g = self.grid
-        maps = features[..., self.offset:self.offset + self.k * g * g].reshape(b, t, self.k, g, g)
-        scores = features[..., -2:][..., None, None].expand(b, t, 2, g, g)
-        x = torch.cat([maps, scores], dim=2)
+        x = convlstm_inputs(features, self.offset, self.k, g)
         x = self.drop(self.norm(x.reshape(b * t, self.k + 2, g, g)).reshape(b, t, self.k + 2, g, g))
         hidden = torch.cat([self.forward_scan(x), reverse_padded(self.backward_scan(reverse_padded(x, lengths)),
                                                                  lengths)], dim=2)
@@ -237,7 +249,4 @@ class ConvLSTMStudyNet(nn.Module):
             valid = torch.ones(b, t, dtype=torch.bool, device=features.device)
         else:
             valid = torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None]
-        v = valid[..., None]
-        pooled_max = per_slice.masked_fill(~v, float("-inf")).amax(dim=1)
-        pooled_mean = (per_slice * v).sum(dim=1) / v.sum(dim=1).clamp(min=1)
-        return self.study_head(torch.cat([pooled_max, pooled_mean], dim=1))[:, 0], slice_logits
+        return self.study_head(pool_slices(per_slice, valid))[:, 0], slice_logits

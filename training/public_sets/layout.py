@@ -45,6 +45,9 @@ class RsnaLayout:
         self.out, self.dataset = Path(out), dataset
         for sub in ("train", "masks", "rows"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
+        # the cases an earlier run finished: each finished study's .json names its source
+        self._done = {json.loads(p.with_suffix(".json").read_text())["source"]
+                      for p in (self.out / "rows").glob("*.csv") if p.with_suffix(".json").is_file()}
 
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
         folder = self.out / "train" / study_uid / series_uid
@@ -53,13 +56,7 @@ class RsnaLayout:
 
     def done(self, source: str) -> bool:
         """Whether a case was imported by an earlier run (its rows file names the source)."""
-        return source in self._sources()
-
-    def _sources(self) -> set[str]:
-        if not hasattr(self, "_seen"):
-            self._seen = {json.loads(p.with_suffix(".json").read_text())["source"]
-                          for p in (self.out / "rows").glob("*.csv") if p.with_suffix(".json").is_file()}
-        return self._seen
+        return source in self._done
 
     def add(self, study: ImportedStudy) -> None:
         if len(study.masks) != len(study.sop_instance_uids):
@@ -85,7 +82,7 @@ class RsnaLayout:
                 w.writerow({"StudyInstanceUID": uid, "SeriesInstanceUID": study.series_instance_uid,
                             "SOPInstanceUID": sop, "pe_present_on_image": int(i in shows), **study_cols})
         os.replace(tmp, rows_path)  # last: the study exists for a rerun only once everything is written
-        self._sources().add(study.source)
+        self._done.add(study.source)
 
     def finish(self, skipped: Iterable[tuple[str, str]] = ()) -> Path:
         """Assemble train.csv from every imported study; write import.json with what was skipped and why."""
