@@ -335,13 +335,6 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             if not r.main:
                 distributed.barrier()  # rank 0 writes the epoch's log and checkpoints
                 continue
-            log.write(row)
-            if on_epoch:
-                on_epoch(row)
-            if not console.is_terminal:  # a log file gets one line per epoch (the bar shows only at the end)
-                console.print(f"stage 1 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f} (bce {row['bce']:.3f}, "
-                              f"attention {row['attention']:.3f}), val slice AUC {val_auc:.3f}, "
-                              f"{row['seconds']:.0f} s")
             payload = {"stage": "stage1", "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                        "scheduler": sched.state_dict(), "config": cfg.model_dump(mode="json"),
                        "preprocess": cfg.preprocess.spec().to_dict(), "feature_dim": model.feature_dim,
@@ -349,6 +342,14 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             if improved:
                 save_checkpoint(best_path, payload)
             save_checkpoint(last, payload)
+            # the epoch's log line after its checkpoint: a run killed in between repeats no logged epoch
+            log.write(row)
+            if on_epoch:
+                on_epoch(row)
+            if not console.is_terminal:  # a log file gets one line per epoch (the bar shows only at the end)
+                console.print(f"stage 1 epoch {epoch + 1}/{s.epochs}: loss {row['loss']:.3f} (bce {row['bce']:.3f}, "
+                              f"attention {row['attention']:.3f}), val slice AUC {val_auc:.3f}, "
+                              f"{row['seconds']:.0f} s")
             distributed.barrier()
     return best_path
 
