@@ -15,7 +15,10 @@ Architectures are compared at equal steps (run them side by side, one thread eac
   3 mm, a strided one to the stem's 6 mm grid) added to the stem's output, its last batch norm
   starting at zero (``FineBranch`` below; measured, no gain, so not in training/models.py);
 - ``strided``: the stem's max pool replaced by a learned stride-2 convolution (a 3x3 max pool over a
-  bright vessel keeps its wall and drops a dark clot a few pixels wide: the suspect it tests).
+  bright vessel keeps its wall and drops a dark clot a few pixels wide: the suspect it tests);
+- ``dense``, ``dense8``: the CAM at stride 4 or 8 (``DenseCam``);
+- ``conv3d``: the slab and its neighbours as one volume through (2+1)D residual blocks (``Trunk3d``),
+  with ``--set preprocess.context=K``.
 
 ``--set`` passes config overrides (``preprocess.context=1``: neighbouring slabs; ``stage1.augmentation=
 flip-shift``: no intensity augmentation; ``preprocess.size=288``: 1.0 mm input pixels, with caches built at
@@ -103,6 +106,70 @@ class DenseCam(torch.nn.Module):
         nn_ = torch.tensor(float(flat.shape[1]))
         logit = torch.logsumexp(flat, dim=1) - torch.log(nn_)
         return logit, h.mean(dim=(2, 3)), cam
+
+
+class Block3d(torch.nn.Module):
+    """A (2+1)D residual block on (B, C, D, H, W): 3 x 3 in each slab, then 3 taps across slabs (both as 2D
+    convolutions, which run several times faster than Conv3d on CPU)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        nn = torch.nn
+        self.spatial = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                     nn.ReLU(inplace=True))
+        self.across = nn.Sequential(nn.Conv2d(cout, cout, (3, 1), 1, (1, 0), bias=False), nn.BatchNorm2d(cout))
+        nn.init.zeros_(self.across[-1].weight)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        flat = x.transpose(1, 2).reshape(b * d, c, h, w)
+        y = self.spatial(flat)
+        c2, h2, w2 = y.shape[1:]
+        y = y.reshape(b, d, c2, h2 * w2).transpose(1, 2)  # (B, C, D, HW)
+        y = self.across(y)
+        skip = flat if self.down is None else self.down(flat)
+        skip = skip.reshape(b, d, c2, h2 * w2).transpose(1, 2)
+        return torch.relu(y + skip).reshape(b, c2, d, h2, w2)
+
+
+class Trunk3d(torch.nn.Module):
+    """The slab and its context as a 3D volume (the ``conv3d`` probe): a per-slab 2D stem, three stages of
+    (2+1)D residual blocks that keep every slab (so a vessel is followed across them: bright above an
+    occluding clot, grey in it), then the centre slab's features through the recipe's last 2D stage, CAM
+    and log-mean-exp logit. Input: the recipe's channels (3 windows of the centre, then the neighbours'
+    PE window, -1..-k, +1..+k); the volume is the PE window in slab order."""
+
+    def __init__(self, net: torch.nn.Module, width: int, context: int):
+        super().__init__()
+        nn = torch.nn
+        self.k = context
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))  # per slab
+        self.stages = nn.Sequential(Block3d(width, width, 1), Block3d(width, width, 1),
+                                    Block3d(width, 2 * width, 2), Block3d(2 * width, 2 * width, 1),
+                                    Block3d(2 * width, 4 * width, 2), Block3d(4 * width, 4 * width, 1))
+        self.last = nn.Sequential(*list(net.body)[-2:])  # the recipe's dilated last stage (2D)
+        self.fc = net.fc
+        nn.init.kaiming_normal_(self.stem[0].weight, mode="fan_out", nonlinearity="relu")
+        for m in self.stages.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.abs().sum() > 0:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor):
+        k = self.k
+        order = [3 + k - 1 - i for i in range(k)] + [0] + [3 + k + i for i in range(k)]
+        b, d, size = x.shape[0], 2 * k + 1, x.shape[-1]
+        v = self.stem(x[:, order].reshape(b * d, 1, size, size))  # every slab through the 2D stem
+        v = v.reshape(b, d, *v.shape[1:]).transpose(1, 2)  # (B, C, D, H, W)
+        h = self.stages(v)[:, :, k]  # the centre slab's features
+        fmap = self.last(h)
+        cam = torch.einsum("bchw,c->bhw", fmap, self.fc.weight[0]) + self.fc.bias[0]
+        flat = cam.flatten(1)
+        logit = torch.logsumexp(flat, dim=1) - torch.log(torch.tensor(float(flat.shape[1])))
+        return logit, fmap.mean(dim=(2, 3)), cam
 
 
 def _dilate(b: np.ndarray, r: int) -> np.ndarray:
@@ -203,7 +270,7 @@ def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray, border: np.ndar
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=["current", "fine", "strided", "dense", "dense8"], required=True)
+    ap.add_argument("--arch", choices=["current", "fine", "strided", "dense", "dense8", "conv3d"], required=True)
     ap.add_argument("--config", type=Path, default=Path("training/configs/varied.yaml"))
     ap.add_argument("--splits", type=Path, default=Path("runs/v7/splits.json"))
     ap.add_argument("--train-cache", type=Path, required=True)
@@ -255,6 +322,10 @@ def main() -> None:
                                             torch.nn.BatchNorm2d(s.width), torch.nn.ReLU(inplace=True))
     elif a.arch in ("dense", "dense8"):
         model = DenseCam(model, s.width, 4 if a.arch == "dense" else 8)
+    elif a.arch == "conv3d":
+        if not context:
+            raise SystemExit("--arch conv3d needs neighbouring slabs: --set preprocess.context=K")
+        model = Trunk3d(model, s.width, context)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=a.steps, pct_start=0.15)
     windows = cfg.preprocess.channel_windows()

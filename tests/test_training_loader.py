@@ -59,3 +59,28 @@ def test_petriage_train_with_loader_workers_logs_how_long_it_waited_for_batches(
     log = [json.loads(line) for line in (run / "stage1_log.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [1, 2]
     assert all(0.0 <= row["loader_wait_seconds"] <= row["seconds"] for row in log)
+
+
+def test_a_positive_whose_clot_the_augmentation_moved_out_of_the_frame_is_trained_as_negative():
+    from training.loader import follow_masks
+
+    m = torch.zeros(4, 16, 16)
+    m[0, 8, 8] = 1.0  # the clot is still there
+    m[2, 0, 0] = 0.05  # a trace of the clot's edge at the border: gone for training
+    labels = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+    has_mask = np.array([True, True, True, False])  # the last one's mask is unknown: its label stands
+    assert follow_masks(labels, m, has_mask).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert follow_masks(np.zeros(4, np.float32), m, has_mask).tolist() == [0.0] * 4
+
+
+def test_crop_labels_of_a_step_agree_with_the_clots_left_in_the_augmented_crops(dataset, tmp_path):
+    from training.loader import CLOT_KEPT
+
+    cache = build_cache(read_rsna(dataset), PreprocessSpec(size=64), tmp_path)
+    steps = list(epoch_loader(plan_for(cache, steps=12), cache, workers=0, pin=False))
+    seen = 0
+    for b in steps:
+        kept = b["cm"].flatten(1).amax(dim=1) >= CLOT_KEPT
+        assert not bool(((b["clabels"] > 0) & ~kept).any())  # no positive crop without its clot
+        seen += int((b["clabels"] > 0).sum())
+    assert seen > 0
