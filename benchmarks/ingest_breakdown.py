@@ -1,0 +1,151 @@
+"""Where one association's C-STORE time goes in the node's listener, and what pynetdicom's 1 ms
+association-reactor sleep costs.
+
+    .venv/bin/python benchmarks/ingest_breakdown.py [--slices 200] [--rounds 2]
+
+One 512x512 phantom study is sent with DCMTK ``storescu`` (one association, TCP_NODELAY=1) to DCMTK
+``storescp`` (the baseline) and to the node's listener, ``--rounds`` times each, alternating. In the
+listener, the handler's parts are timed by wrapping them (re-encoding with file meta, header parse,
+spool write and its fsyncs, the store's transaction in the group-commit thread); what is left of the
+wall time per image is pynetdicom (PDU reading, DIMSE decoding and the C-STORE-RSP) and the sender.
+A second listener run has pynetdicom's association reactor sleep 0.1 ms instead of 1 ms per loop
+(a shim on ``pynetdicom.association.time``, measurement only) to tell whether that sleep matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pynetdicom.association as pynetdicom_association
+from pynetdicom.events import Event
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ingest import free_port, send  # noqa: E402
+
+import node.group_commit as group_commit  # noqa: E402
+import node.scp as scp  # noqa: E402
+import node.spool as spool  # noqa: E402
+from node.config import load_config  # noqa: E402
+from node.phantom import PhantomOptions, generate_study, write_study  # noqa: E402
+from node.store import Store  # noqa: E402
+
+SPENT: dict[str, float] = collections.defaultdict(float)
+
+
+def timed(name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[name] += time.perf_counter() - start
+    return wrapper
+
+
+class QuickSleep:
+    """``time`` for pynetdicom.association with its 1 ms reactor sleep cut to 0.1 ms."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(0.0001 if seconds == 0.001 else seconds)
+
+
+def instrument() -> None:
+    Event.encoded_dataset = timed("re-encode with file meta", Event.encoded_dataset)
+    scp.pydicom.dcmread = timed("parse the header (UIDs, urgency)", scp.pydicom.dcmread)
+    scp.write_atomic = timed("spool write (incl. fsyncs)", scp.write_atomic)
+    spool.os.fsync = timed("  of which fsync (file + folder)", os.fsync)
+    group_commit.GroupRecorder.record = timed("store: wait for the group commit", group_commit.GroupRecorder.record)
+    Store.record_instances = timed("  of which the transaction (4 statements + WAL fsync)", Store.record_instances)
+    scp.StorageHandler._store = timed("handler in all", scp.StorageHandler._store)
+
+
+def listener_run(folder: Path, tmp: Path, tag: str) -> float:
+    root = tmp / tag
+    root.mkdir()
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={root}", "node.host=127.0.0.1",
+                                                   f"node.port={free_port()}"])
+    store = Store(f"sqlite:///{root / 'petriage.db'}")
+    server = scp.start_scp(cfg, store)
+    try:
+        return send(folder, cfg.node.port, cfg.node.ae_title)
+    finally:
+        server.shutdown()
+        store.engine.dispose()
+
+
+def storescp_run(folder: Path, tmp: Path, tag: str) -> float:
+    port = free_port()
+    out = tmp / tag
+    out.mkdir()
+    proc = subprocess.Popen([shutil.which("storescp") or "storescp", "-od", str(out), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        return send(folder, port, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        raise SystemExit("needs DCMTK storescu and storescp (make test installs them)")
+    instrument()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        study = generate_study(4711, pe=True, options=PhantomOptions(slices=args.slices))
+        n = len(write_study(study, tmp / "in")["ctpa"])
+        rows, spent, listener_seconds = [], collections.defaultdict(float), 0.0
+        for k in range(args.rounds):
+            base = storescp_run(tmp / "in", tmp, f"scp{k}")
+            SPENT.clear()
+            node = listener_run(tmp / "in", tmp, f"node{k}")
+            for name, seconds in SPENT.items():
+                spent[name] += seconds
+            listener_seconds += node
+            pynetdicom_association.time = QuickSleep()  # type: ignore[assignment]
+            try:
+                quick = listener_run(tmp / "in", tmp, f"quick{k}")
+            finally:
+                pynetdicom_association.time = time  # type: ignore[assignment]
+            rows.append((n / base, n / node, n / quick))
+    print(f"{n} images of 512x512, one association, TCP_NODELAY=1, {args.rounds} rounds")
+    print(f"{'round':<6} {'storescp img/s':>15} {'listener img/s':>15} {'ratio':>6} "
+          f"{'reactor 0.1 ms img/s':>21} {'ratio':>6}")
+    for k, (base, node, quick) in enumerate(rows, 1):
+        print(f"{k:<6} {base:15.0f} {node:15.0f} {node / base:5.2f}x {quick:21.0f} {quick / base:5.2f}x")
+    per = 1000 * listener_seconds / (n * args.rounds)
+    print(f"\nlistener, ms per image (wall {per:.2f} ms; the parts below overlap across threads):")
+    order = ["re-encode with file meta", "parse the header (UIDs, urgency)", "spool write (incl. fsyncs)",
+             "  of which fsync (file + folder)", "store: wait for the group commit",
+             "  of which the transaction (4 statements + WAL fsync)", "handler in all"]
+    for name in order:
+        seconds = spent[name]
+        ms = 1000 * seconds / (n * args.rounds)
+        print(f"  {name:<55} {ms:6.2f} ms  {ms / per:5.0%}")
+    handler = 1000 * spent["handler in all"] / (n * args.rounds)
+    print(f"  {'outside the handler (pynetdicom, sender, network)':<55} {per - handler:6.2f} ms  "
+          f"{(per - handler) / per:5.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
