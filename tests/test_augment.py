@@ -42,3 +42,38 @@ def test_geometry_moves_the_mask_with_the_image_and_fills_with_air():
         assert (bright & inside).sum() / (bright | inside).sum() > 0.9  # the same square, wherever it went
     air = windowed(np.full((1, 1, 1), -1000.0))[0, :, 0, 0]
     torch.testing.assert_close(x[:, :, 0, 0].min(dim=0).values, air, atol=1e-5, rtol=0)  # corners: air
+
+
+def test_a_weaker_bolus_dims_the_enhanced_blood_and_leaves_soft_tissue_clot_and_lung_alone():
+    hu = np.zeros((2, 8, 8))
+    hu[:, :2] = 400.0  # contrast-filled artery
+    hu[:, 2:4] = 40.0  # soft tissue
+    hu[:, 4:6] = 60.0  # clot
+    hu[:, 6:] = -800.0  # lung
+    weak = AugmentRanges(**{**FIXED.__dict__, "bolus_probability": 1.0, "bolus_factor": (0.25, 0.25)})
+    out = intensity(windowed(hu), WINDOWS, np.random.default_rng(1), weak)
+    expected = hu.copy()
+    expected[:, :2] = 80.0 + (400.0 - 80.0) * 0.25  # 160 HU: a weak bolus
+    torch.testing.assert_close(out, windowed(expected), atol=2e-3, rtol=0)
+
+
+def test_the_bolus_change_reads_each_context_channel_from_its_own_slab():
+    windows = WINDOWS + [WINDOWS[0]]  # a neighbour's PE window as a fourth channel
+    centre, neighbour = np.full((1, 4, 4), 40.0), np.full((1, 4, 4), 400.0)
+    x = torch.cat([windowed(centre), windowed(neighbour)[:, :1]], dim=1)
+    weak = AugmentRanges(**{**FIXED.__dict__, "bolus_probability": 1.0, "bolus_factor": (0.5, 0.5)})
+    out = intensity(x, windows, np.random.default_rng(0), weak)
+    torch.testing.assert_close(out[:, :3], x[:, :3])  # the centre slab has no blood: unchanged
+    torch.testing.assert_close(out[:, 3], windowed(np.full((1, 4, 4), 240.0))[:, 0], atol=2e-3, rtol=0)
+
+
+def test_without_the_bolus_change_nothing_is_drawn_so_earlier_runs_draw_the_same_batches():
+    from training.augment import bolus
+
+    x = windowed(np.random.default_rng(0).uniform(-300, 400, (4, 16, 16)))
+    rng = np.random.default_rng(5)
+    before = rng.bit_generator.state
+    assert bolus(x, WINDOWS, rng, AugmentRanges()) is x
+    assert rng.bit_generator.state == before
+    bolus(x, WINDOWS, rng, AugmentRanges(bolus_probability=0.5))
+    assert rng.bit_generator.state != before

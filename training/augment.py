@@ -5,6 +5,10 @@ expressed in HU and mapped onto every channel exactly as the window maps HU: a s
 are 30 % brighter, or whose whole scale is shifted by 40 HU, changes all three channels
 consistently. Values the window had clipped stay clipped, which is the one approximation here.
 
+- bolus: the contrast bolus made weaker or stronger, which changes the enhanced blood and leaves soft
+  tissue, fat, lung and clot where they are (HU above ``bolus_pivot`` pulled towards it), so that a
+  grey artery in a weak bolus is seen as normal and only a lumen darker than the study's own blood as
+  a clot (off unless ``bolus_probability`` > 0);
 - intensity: HU scale and offset, window/level jitter per channel, gamma, Gaussian noise, blur or
   sharpening (a 3 x 3 kernel mixed in);
 - geometry: rotation, isotropic scale, translation and left-right flip, applied alike to the image and
@@ -34,11 +38,46 @@ class AugmentRanges:
     scale: tuple[float, float] = (0.8, 1.25)
     shift: float = 0.08  # of the field
     flip_probability: float = 0.5
+    bolus_probability: float = 0.0
+    bolus_factor: tuple[float, float] = (0.25, 1.4)  # enhancement above the pivot times this (log-uniform)
+    bolus_pivot: float = 80.0  # HU: soft tissue, clot and everything darker stay as they are
+
+
+def bolus(x: torch.Tensor, windows: list[tuple[float, float]], rng: np.random.Generator,
+          r: AugmentRanges = AugmentRanges()) -> torch.Tensor:
+    """(B, C, S, S) windowed input -> the same slices with the enhancement above ``bolus_pivot`` scaled.
+
+    Each pixel's HU is read from the first (PE) window, the widest over enhanced blood, of its own slab
+    (a context channel is its neighbour's PE window), remapped, and written back through every
+    channel's window; pixels the PE window clipped count as its top. Images not drawn are untouched,
+    and nothing is drawn from ``rng`` when the probability is 0."""
+    if r.bolus_probability <= 0:
+        return x
+    b = x.shape[0]
+    chosen = rng.random(b) < r.bolus_probability
+    factor = np.exp(rng.uniform(math.log(r.bolus_factor[0]), math.log(r.bolus_factor[1]), b))
+    if not chosen.any():
+        return x
+    pe = windows[0]
+    pe_lo, pe_width = pe[0] - pe[1] / 2.0, pe[1]
+    k = torch.from_numpy(factor.astype(np.float32)).to(x.device)[:, None, None]
+    out = x.clone()
+    rows = torch.from_numpy(chosen).to(x.device)
+    for c, (cw, ww) in enumerate(windows):
+        source = c if (cw, ww) == pe else 0  # the PE-window channel that holds this pixel's HU
+        hu = pe_lo + x[:, source] * pe_width
+        above = hu > r.bolus_pivot
+        remapped = torch.where(above, r.bolus_pivot + (hu - r.bolus_pivot) * k, hu)
+        new = ((remapped - (cw - ww / 2.0)) / ww).clamp(0.0, 1.0)
+        keep = ~(above & rows[:, None, None])
+        out[:, c] = torch.where(keep, x[:, c], new)
+    return out
 
 
 def intensity(x: torch.Tensor, windows: list[tuple[float, float]], rng: np.random.Generator,
               r: AugmentRanges = AugmentRanges()) -> torch.Tensor:
     """(B, C, S, S) windowed input in 0-1 -> the same slices as if the HU had been rescaled."""
+    x = bolus(x, windows, rng, r)
     b, c = x.shape[:2]
     dev = x.device
     a = torch.from_numpy(rng.uniform(*r.hu_scale, b).astype(np.float32)).to(dev)[:, None, None, None]

@@ -81,6 +81,9 @@ class Stage1Settings(_Section):
     # window jitter, gamma, noise, blur/sharpen, rotation, scale, shift, flip (training/augment.py).
     augment: bool = True
     augmentation: Literal["flip-shift", "full"] = "flip-shift"
+    # With "full": share of images whose contrast bolus is made weaker or stronger (enhanced blood
+    # only; training/augment.py, bolus): weak-bolus negatives were bundle 0.3.0's hardest false positives.
+    bolus_probability: float = Field(default=0.0, ge=0, le=1)
     # Share of each batch's negatives taken from the highest-scoring negatives of a random pool,
     # re-scored every epoch from the second on (hard negatives: mimics such as veins, flow artefacts).
     hard_negatives: float = Field(default=0.0, ge=0, le=1)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from node.preprocess import to_float
-from training.augment import flip_shift, geometry, intensity
+from training.augment import AugmentRanges, flip_shift, geometry, intensity
 from training.config import Stage1Settings
 from training.crops import MASK_ON, CropPlan, crop_batch
 from training.data import SliceCache, open_cache, with_context
@@ -59,7 +59,7 @@ def augment(s: Stage1Settings, images: np.ndarray, mask: np.ndarray, rng: np.ran
     m = torch.from_numpy(mask).float() / 255.0
     if s.augment and s.augmentation == "full":
         x, m = geometry(x, m, rng, windows)
-        x = intensity(x, windows, rng)
+        x = intensity(x, windows, rng, AugmentRanges(bolus_probability=s.bolus_probability))
     elif s.augment:
         x, m = flip_shift(x, m, rng)
     return x, m
