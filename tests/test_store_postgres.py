@@ -59,6 +59,18 @@ def test_two_workers_on_postgresql_never_claim_the_same_job(postgres):
     assert {(s, a) for s, a in states} == {(JobState.RUNNING, 1)}
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_instance_sent_twice_is_recorded_and_counted_once_with_a_duplicate_event(backend, postgres, tmp_path):
+    url = postgres.database("twice") if backend == "postgresql" else f"sqlite:///{tmp_path / 'twice.db'}"
+    store = Store(url)
+    assert store.record_instance(_item("1.2.7", "1.2.7.1.1"), T0) is True
+    assert store.record_instances([_item("1.2.7", "1.2.7.1.2"), _item("1.2.7", "1.2.7.1.1")], T0) == [True, False]
+    study = store.study("1.2.7")
+    assert study is not None and study["instances"] == 2
+    kinds = [e["kind"] for e in store.events_of("1.2.7")]
+    assert kinds.count("duplicate") == 1 and kinds.count("study-started") == 1
+
+
 def test_a_sqlite_store_made_before_migrations_keeps_its_rows_and_gains_what_it_lacked(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:  # the studies and jobs tables of an early version, nothing else
