@@ -28,7 +28,7 @@ from training.config import Stage1Settings, TrainConfig
 from training.crops import CropPlan, small_clot_spots
 from training.data import SliceCache
 from training.from_bundle import bundle_preprocess, is_bundle, recalibrate_batchnorm, state_from_onnx
-from training.loader import EpochPlan, augment, epoch_loader, follow_masks, slab_rows
+from training.loader import EpochPlan, augment, epoch_loader, slab_rows
 from training.losses import attention_loss, slice_loss
 from training.metrics import roc_auc
 from training.models import SliceNet, build_study_net
@@ -159,8 +159,7 @@ def _step_loss(model: torch.nn.Module, s: Stage1Settings, images: np.ndarray, ma
                has_mask: np.ndarray, rng: np.random.Generator, windows: list[tuple[float, float]],
                device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice BCE and attention loss of one uint8 batch, augmented here (the probes' entry point)."""
-    x, m = augment(s, images, mask, rng, windows)
-    labels = follow_masks(labels, m, has_mask)
+    x, m, labels = augment(s, images, mask, labels, has_mask, rng, windows)
     return batch_loss(model, s, x, m, torch.from_numpy(labels), torch.from_numpy(has_mask), device, autocast)
 
 

@@ -52,9 +52,11 @@ class EpochPlan:
     steps: int
 
 
-def augment(s: Stage1Settings, images: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-            windows: list[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and masks to the augmented float tensors a step trains on."""
+def augment(s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.ndarray, has_mask: np.ndarray,
+            rng: np.random.Generator, windows: list[tuple[float, float]]
+            ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """uint8 images and masks to the augmented float tensors a step trains on, and the labels of what the
+    augmented images show (``follow_masks``)."""
     x = torch.from_numpy(to_float(images))
     m = torch.from_numpy(mask).float() / 255.0
     if s.augment and s.augmentation == "full":
@@ -62,7 +64,7 @@ def augment(s: Stage1Settings, images: np.ndarray, mask: np.ndarray, rng: np.ran
         x = intensity(x, windows, rng, AugmentRanges(bolus_probability=s.bolus_probability))
     elif s.augment:
         x, m = flip_shift(x, m, rng)
-    return x, m
+    return x, m, follow_masks(labels, m, has_mask)
 
 
 CLOT_KEPT = MASK_ON / 255.0 / 2  # a clot still in the augmented image: a mask pixel at half the "on" level
@@ -99,14 +101,13 @@ def draw_step(cache: SliceCache, p: EpochPlan, step: int) -> dict[str, torch.Ten
                            rng.choice(p.neg, p.batch_size - p.n_pos - p.n_matched - k_hard)])
     images, mask, has_mask = slab_rows(cache, rows, p.masks)
     labels = np.isin(np.sort(rows), p.pos).astype(np.float32)
-    x, m = augment(p.settings, images, mask, rng, p.windows)
-    labels = follow_masks(labels, m, has_mask)
+    x, m, labels = augment(p.settings, images, mask, labels, has_mask, rng, p.windows)
     out = {"x": x, "m": m, "labels": torch.from_numpy(labels), "has_mask": torch.from_numpy(has_mask)}
     if p.crop_plan is not None:
         cx, cm, clab = crop_batch(cache.images, cache.masks, p.annotated, p.masks, p.neg, p.crop_size, p.crop_plan,
                                   rng, p.hard_spots, p.small_spots)
-        out["cx"], out["cm"] = augment(p.settings, cx, cm, rng, p.windows)
-        out["clabels"] = torch.from_numpy(follow_masks(clab, out["cm"], np.ones(len(clab), dtype=bool)))
+        out["cx"], out["cm"], clab = augment(p.settings, cx, cm, clab, np.ones(len(clab), dtype=bool), rng, p.windows)
+        out["clabels"] = torch.from_numpy(clab)
     return out
 
 
