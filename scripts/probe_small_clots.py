@@ -18,7 +18,9 @@ Architectures are compared at equal steps (run them side by side, one thread eac
   bright vessel keeps its wall and drops a dark clot a few pixels wide: the suspect it tests);
 - ``dense``, ``dense8``: the CAM at stride 4 or 8 (``DenseCam``);
 - ``conv3d``: the slab and its neighbours as one volume through (2+1)D residual blocks (``Trunk3d``),
-  with ``--set preprocess.context=K``.
+  with ``--set preprocess.context=K``;
+- ``tophat``: black top-hats of the PE window (closing minus image at ``--tophat`` pixel sizes, ``TopHat``)
+  as extra input channels: how much darker a pixel is than the lumen around it.
 
 ``--set`` passes config overrides (``preprocess.context=1``: neighbouring slabs; ``stage1.augmentation=
 flip-shift``: no intensity augmentation; ``preprocess.size=288``: 1.0 mm input pixels, with caches built at
@@ -172,6 +174,28 @@ class Trunk3d(torch.nn.Module):
         return logit, fmap.mean(dim=(2, 3)), cam
 
 
+class TopHat(torch.nn.Module):
+    """Black top-hats of the PE window channel appended to the input (the ``tophat`` probe): closing minus
+    image with square structuring elements of ``sizes`` pixels, i.e. how much darker each pixel is than
+    what surrounds it within that size: a filling defect in a bright lumen, whatever the bolus. Max
+    pools only, so it exports to ONNX as part of the network."""
+
+    def __init__(self, net: torch.nn.Module, cin: int, width: int, sizes: tuple[int, ...]):
+        super().__init__()
+        self.net, self.sizes = net, sizes
+        net.stem[0] = torch.nn.Conv2d(cin + len(sizes), width, 7, 2, 3, bias=False)
+        torch.nn.init.kaiming_normal_(net.stem[0].weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor):
+        pool = torch.nn.functional.max_pool2d
+        pe = x[:, :1]
+        hats = []
+        for k in self.sizes:
+            closed = -pool(-pool(pe, k, 1, k // 2), k, 1, k // 2)
+            hats.append(2.0 * (closed - pe))  # about 0-1 for a clot in an enhanced lumen
+        return self.net(torch.cat([x, *hats], dim=1))
+
+
 def _dilate(b: np.ndarray, r: int) -> np.ndarray:
     out = b.copy()
     for dy in range(-r, r + 1):
@@ -270,7 +294,9 @@ def evaluate(model, x: np.ndarray, m: np.ndarray, y: np.ndarray, border: np.ndar
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=["current", "fine", "strided", "dense", "dense8", "conv3d"], required=True)
+    ap.add_argument("--arch", choices=["current", "fine", "strided", "dense", "dense8", "conv3d", "tophat"],
+                    required=True)
+    ap.add_argument("--tophat", default="5,9", help="--arch tophat: structuring-element sizes in pixels")
     ap.add_argument("--config", type=Path, default=Path("training/configs/varied.yaml"))
     ap.add_argument("--splits", type=Path, default=Path("runs/v7/splits.json"))
     ap.add_argument("--train-cache", type=Path, required=True)
@@ -326,6 +352,8 @@ def main() -> None:
         if not context:
             raise SystemExit("--arch conv3d needs neighbouring slabs: --set preprocess.context=K")
         model = Trunk3d(model, s.width, context)
+    elif a.arch == "tophat":
+        model = TopHat(model, cfg.preprocess.spec().channels, s.width, tuple(int(k) for k in a.tophat.split(",")))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=a.steps, pct_start=0.15)
     windows = cfg.preprocess.channel_windows()
