@@ -1,84 +1,119 @@
-"""Group commit of received instances: the listener's association threads hand their rows to one
-recorder thread, which writes every row waiting at that moment in one transaction.
+"""Group commit of received instances, led by the association threads themselves.
 
 Each C-STORE still waits until its own row is committed (the promise holds: durable on disk and in the
 store before success), but with several associations at once, one commit (one fsync of the SQLite WAL,
-one round trip to PostgreSQL) serves all the instances that arrived while the previous one ran. Nothing
-waits for a batch to fill: a lone sender's instance is committed at once, in a batch of one.
+one round trip to PostgreSQL) serves all the instances that arrived while the previous one ran.
+
+No thread of its own: the first caller to find no commit running leads, committing its row (and any
+that queued meanwhile) in its own thread; callers that arrive while a commit runs queue, and when it
+ends the oldest of them is woken to lead the next one with everything queued by then. A lone sender's
+instance is therefore committed at once, with no hand-over to another thread (measured: that hop cost
+a lone association about a tenth of its time per image), and nothing ever waits for a batch to fill.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
 
 from node.store import Received, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 
+class _Slot:
+    """One caller's row, its outcome, and the event that wakes it (its row done, or its turn to lead)."""
+
+    __slots__ = ("item", "result", "error", "finished", "lead", "wake")
+
+    def __init__(self, item: Received):
+        self.item = item
+        self.result = False
+        self.error: StoreError | None = None
+        self.finished = False
+        self.lead = False
+        self.wake = threading.Event()
+
+
 class GroupRecorder:
-    """``record(item)`` from any thread; rows are committed by one thread, up to ``max_batch`` at a time."""
+    """``record(item)`` from any thread; rows are committed up to ``max_batch`` at a time."""
 
     def __init__(self, store: Store, max_batch: int = 64):
         self.store, self.max_batch = store, max_batch
-        self._queue: queue.SimpleQueue[tuple[Received, Future] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting: deque[_Slot] = deque()
+        self._leading = False
+        self._closed = False
         self.batches = 0  # transactions committed, and the rows in them (what group commit saved)
         self.rows = 0
-        self._thread = threading.Thread(target=self._run, name="petriage-group-commit", daemon=True)
-        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Rows queued behind the commit that is running."""
+        return len(self._waiting)
 
     def record(self, item: Received) -> bool:
         """Record one instance; returns False for a duplicate; StoreError if the store refused it."""
-        if not self._thread.is_alive():
-            raise StoreError("the instance recorder has stopped")
-        done: Future = Future()
-        self._queue.put((item, done))
-        return bool(done.result())
+        slot = _Slot(item)
+        with self._lock:
+            if self._closed:
+                raise StoreError("the instance recorder has stopped")
+            if self._leading:
+                self._waiting.append(slot)
+            else:
+                self._leading = slot.lead = True
+        if not slot.lead:
+            slot.wake.wait()
+        if not slot.finished:  # this thread leads: its own row and whatever queued meanwhile
+            with self._lock:
+                batch = [slot]
+                while self._waiting and len(batch) < self.max_batch:
+                    batch.append(self._waiting.popleft())
+            try:
+                self._commit(batch)
+            finally:
+                for one in batch:  # even an interrupted commit answers every caller it took
+                    if not one.finished:
+                        self._finish(one, error=StoreError("the instance was not recorded"))
+                with self._lock:  # hand the lead to the oldest caller still waiting, or give it up
+                    if self._waiting:
+                        after = self._waiting.popleft()
+                        after.lead = True
+                        after.wake.set()
+                    else:
+                        self._leading = False
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
 
-    def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+    def close(self) -> None:
+        """Refuse new rows; rows already queued are still committed by their leader."""
+        with self._lock:
+            self._closed = True
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            self._commit(batch)
-            if stop:
-                return
-
-    def _commit(self, batch: Sequence[tuple[Received, Future]]) -> None:
+    def _commit(self, batch: Sequence[_Slot]) -> None:
         try:
-            results = self.store.record_instances([item for item, _ in batch])
+            results = self.store.record_instances([slot.item for slot in batch])
         except StoreError as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                self._finish(batch[0], error=exc)
                 return
             for one in batch:  # one bad row must not fail the others: each on its own
                 self._commit([one])
             return
         except Exception as exc:  # noqa: BLE001 - never leave a sender's thread waiting for ever
             log.exception("recording %d instances failed", len(batch))
-            for _, done in batch:
-                done.set_exception(StoreError(f"cannot record the instance: {type(exc).__name__}"))
+            for slot in batch:
+                self._finish(slot, error=StoreError(f"cannot record the instance: {type(exc).__name__}"))
             return
         self.batches += 1
         self.rows += len(batch)
-        for (_, done), result in zip(batch, results, strict=True):
-            done.set_result(result)
+        for slot, result in zip(batch, results, strict=True):
+            self._finish(slot, result=result)
+
+    @staticmethod
+    def _finish(slot: _Slot, result: bool = False, error: StoreError | None = None) -> None:
+        slot.result, slot.error, slot.finished = result, error, True
+        slot.wake.set()

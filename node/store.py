@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -246,6 +247,30 @@ def migrate(engine: Engine, to: str = "head") -> str:
         return str(MigrationContext.configure(conn).get_current_revision())
 
 
+class _RecordStatements:
+    """The statements every received instance runs, built once per dialect (bound parameters, no values):
+    an INSERT ... ON CONFLICT DO NOTHING RETURNING (a row back says the instance is new: one round trip
+    instead of a look-up and an insert) and the receiving study's count and time, urgent or not."""
+
+    _built: dict[str, _RecordStatements] = {}
+
+    def __init__(self, dialect: str):
+        make = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        self.new_instance = (make(instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                             .returning(instances.c.sop_instance_uid))
+        receiving = update(studies).where(studies.c.study_instance_uid == bindparam("b_uid"),
+                                          studies.c.state == StudyState.RECEIVING)
+        bumped = {"instances": studies.c.instances + 1, "last_received_at": bindparam("b_now")}
+        self.bump = receiving.values(**bumped)
+        self.bump_urgent = receiving.values(**bumped, urgent=True)
+
+    @classmethod
+    def of(cls, dialect: str) -> _RecordStatements:
+        if dialect not in cls._built:
+            cls._built[dialect] = cls(dialect)
+        return cls._built[dialect]
+
+
 class Store:
     """Access to the node's tables; one per process, thread-safe through SQLAlchemy's pool."""
 
@@ -280,21 +305,22 @@ class Store:
 
     @staticmethod
     def _record(conn, item: Received, now: dt.datetime) -> bool:
-        # One statement for a new instance (INSERT ... ON CONFLICT DO NOTHING RETURNING: a row back says it
-        # was new) instead of a look-up and an insert: one round trip fewer on PostgreSQL per instance.
-        new_row = (postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert)(instances).values(
-            sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
-            series_instance_uid=item.series_instance_uid, sop_class_uid=item.sop_class_uid,
-            transfer_syntax_uid=item.transfer_syntax_uid, path=str(item.path), bytes=item.bytes,
-            calling_ae_title=item.calling_ae_title, received_at=now)
-        inserted = conn.execute(new_row.on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                                .returning(instances.c.sop_instance_uid)).first()
-        if inserted is None:
+        # Two statements for the usual instance (a new one of a study that is receiving), each built once
+        # (_RecordStatements), so SQLAlchemy neither rebuilds nor re-compiles them per instance.
+        st = _RecordStatements.of(conn.dialect.name)
+        row = {"sop_instance_uid": item.sop_instance_uid, "study_instance_uid": item.study_instance_uid,
+               "series_instance_uid": item.series_instance_uid, "sop_class_uid": item.sop_class_uid,
+               "transfer_syntax_uid": item.transfer_syntax_uid, "path": str(item.path), "bytes": item.bytes,
+               "calling_ae_title": item.calling_ae_title, "received_at": now}
+        if conn.execute(st.new_instance, row).first() is None:  # already recorded: a duplicate
             conn.execute(update(instances).where(instances.c.sop_instance_uid == item.sop_instance_uid)
                          .values(path=str(item.path), bytes=item.bytes, received_at=now))
             conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
                                                kind="duplicate", detail=item.sop_instance_uid))
             return False
+        bump = st.bump_urgent if item.urgent else st.bump
+        if conn.execute(bump, {"b_uid": item.study_instance_uid, "b_now": now}).rowcount == 1:
+            return True  # one more instance of a study that is receiving
         study = conn.execute(select(studies.c.state).where(
             studies.c.study_instance_uid == item.study_instance_uid)).first()
         if study is None:
@@ -306,13 +332,12 @@ class Store:
                                                detail=f"from {item.calling_ae_title}"
                                                + (f" at {item.address}" if item.address else "")))
             return True
-        values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
+        values: dict = {"instances": studies.c.instances + 1, "last_received_at": now, "state": StudyState.RECEIVING,
+                        "completed_at": None, "wait_started_at": now}
         if item.urgent:
             values["urgent"] = True
-        if study.state != StudyState.RECEIVING:
-            values |= {"state": StudyState.RECEIVING, "completed_at": None, "wait_started_at": now}
-            conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                               kind="study-reopened", detail=item.sop_instance_uid))
+        conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
+                                           kind="study-reopened", detail=item.sop_instance_uid))
         conn.execute(update(studies).where(studies.c.study_instance_uid == item.study_instance_uid)
                      .values(**values))
         return True

@@ -174,6 +174,45 @@ def test_a_port_already_in_use_is_a_clear_error_not_a_traceback(node):
         start_scp(cfg, store)
 
 
+def test_a_lone_sender_s_row_is_committed_in_its_own_thread_and_a_refused_row_raises_to_its_caller(tmp_path):
+    import threading
+
+    from node.group_commit import GroupRecorder
+    from node.store import Received, StoreError
+
+    store = Store(database_url(tmp_path))
+    recorder = GroupRecorder(store)
+    seen: list[str] = []
+    record_instances = store.record_instances
+
+    def spy(items, now=None):
+        seen.append(threading.current_thread().name)
+        return record_instances(items, now)
+
+    store.record_instances = spy  # type: ignore[method-assign]
+    row = Received("1.2.9.1", "1.2.9", "1.2.9.0", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                   tmp_path / "1.dcm", 10, "MOD")
+    assert recorder.record(row) is True
+    assert recorder.record(row) is False  # the same instance again: a duplicate, counted once
+    assert seen == [threading.current_thread().name] * 2 and (recorder.batches, recorder.rows) == (2, 2)
+    bad = Received("1.2.9.2", "1.2.9", "1.2.9.0", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                   tmp_path / "2.dcm", 10, "MOD")
+
+    def refuse(items, now=None):
+        raise StoreError("database or disk is full")
+
+    store.record_instances = refuse  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="disk is full"):  # the caller hears it (and answers out of resources)
+        recorder.record(bad)
+    store.record_instances = spy  # type: ignore[method-assign]
+    assert recorder.record(Received("1.2.9.3", "1.2.9", "1.2.9.0", "1.2.840.10008.5.1.4.1.1.2",
+                                    "1.2.840.10008.1.2.1", tmp_path / "3.dcm", 10, "MOD")) is True
+    recorder.close()
+    with pytest.raises(StoreError, match="stopped"):
+        recorder.record(row)
+    assert store.study("1.2.9")["instances"] == 2
+
+
 def test_rows_that_wait_while_a_commit_runs_are_committed_together_and_each_once(tmp_path):
     import sqlite3
     import threading
@@ -193,13 +232,13 @@ def test_rows_that_wait_while_a_commit_runs_are_committed_together_and_each_once
                                                           "1.2.840.10008.1.2.1", tmp_path / f"{k}.dcm", 10, "MOD"))
 
     threads = [threading.Thread(target=send, args=(k,)) for k in range(10)]
-    threads[0].start()
+    threads[0].start()  # leads: its commit waits for the lock
     deadline = time.monotonic() + 30
-    while recorder._queue.qsize() and time.monotonic() < deadline:  # the recorder took the first row
+    while not recorder._leading and time.monotonic() < deadline:
         time.sleep(0.01)
     for t in threads[1:]:
         t.start()
-    while recorder._queue.qsize() < 9 and time.monotonic() < deadline:  # nine more wait behind that commit
+    while recorder.waiting < 9 and time.monotonic() < deadline:  # nine more wait behind that commit
         time.sleep(0.01)
     lock.execute("COMMIT")
     for t in threads:
