@@ -5,9 +5,10 @@
 One 512x512 phantom CTPA study (explicit VR little endian) is sent with DCMTK ``storescu`` (one
 association, TCP_NODELAY=1) to (a) DCMTK ``storescp`` writing to a temporary folder - the baseline -
 and (b) the node's listener (spool with fsync + SQLite record per instance), alternating for ``--rounds``
-rounds. Prints images/s for each, the ratio of each round and the median ratio. Then the whole node runs (listener, sweep with quiet_seconds 2, worker process, bundled
-model) with the listener of this package as the PACS, and the script reports the seconds from the
-last image acknowledged to the SR stored in the PACS, and how much of that is the quiet period.
+rounds. Prints images/s for each, the ratio of each round and the median ratio. Then the whole node
+runs (listener, sweep with quiet_seconds 2, worker process, bundled model) with the listener of this
+package as the PACS, and the script reports the seconds from the last image acknowledged to the SR
+stored in the PACS, and how much of that is the quiet period.
 """
 
 from __future__ import annotations

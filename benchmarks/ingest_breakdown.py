@@ -18,7 +18,6 @@ import argparse
 import collections
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,10 @@ from pynetdicom.events import Event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ingest import free_port, send  # noqa: E402
+from ingest import listener_run, storescp_run  # noqa: E402
 
 import node.group_commit as group_commit  # noqa: E402
 import node.scp as scp  # noqa: E402
-from node.config import load_config  # noqa: E402
 from node.phantom import PhantomOptions, generate_study, write_study  # noqa: E402
 from node.store import Store  # noqa: E402
 
@@ -71,35 +69,6 @@ def instrument() -> None:
     scp.StorageHandler._store = timed("handler in all", scp.StorageHandler._store)
 
 
-def listener_run(folder: Path, tmp: Path, tag: str) -> float:
-    root = tmp / tag
-    root.mkdir()
-    cfg = load_config(None, environ={}, overrides=[f"storage.root={root}", "node.host=127.0.0.1",
-                                                   f"node.port={free_port()}"])
-    store = Store(f"sqlite:///{root / 'petriage.db'}")
-    server = scp.start_scp(cfg, store)
-    try:
-        return send(folder, cfg.node.port, cfg.node.ae_title)
-    finally:
-        server.shutdown()
-        store.engine.dispose()
-
-
-def storescp_run(folder: Path, tmp: Path, tag: str) -> float:
-    port = free_port()
-    out = tmp / tag
-    out.mkdir()
-    proc = subprocess.Popen([shutil.which("storescp") or "storescp", "-od", str(out), str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    try:
-        return send(folder, port, "STORESCP")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
@@ -114,15 +83,15 @@ def main() -> int:
         n = len(write_study(study, tmp / "in")["ctpa"])
         rows, spent, listener_seconds = [], collections.defaultdict(float), 0.0
         for k in range(args.rounds):
-            base = storescp_run(tmp / "in", tmp, f"scp{k}")
+            base = storescp_run(tmp / "in", tmp / f"scp{k}")
             SPENT.clear()
-            node = listener_run(tmp / "in", tmp, f"node{k}")
+            node = listener_run(tmp / "in", tmp / f"node{k}")
             for name, seconds in SPENT.items():
                 spent[name] += seconds
             listener_seconds += node
             pynetdicom_association.time = QuickSleep()  # type: ignore[assignment]
             try:
-                quick = listener_run(tmp / "in", tmp, f"quick{k}")
+                quick = listener_run(tmp / "in", tmp / f"quick{k}")
             finally:
                 pynetdicom_association.time = time  # type: ignore[assignment]
             rows.append((n / base, n / node, n / quick))
