@@ -17,6 +17,7 @@ What is split and what is not, so that N processes compute what one would:
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -119,5 +120,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def finish() -> None:
+    """Leave the process group together: every process waits for the others (rank 0 may still be
+    evaluating), drops what still holds the group (DDP reducers sit in reference cycles) and destroys it
+    while the interpreter is whole. A process that left the group's threads to interpreter teardown was
+    seen to abort ("terminate called without an active exception", SIGABRT) under load."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
