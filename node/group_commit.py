@@ -26,14 +26,13 @@ log = logging.getLogger(__name__)
 class _Slot:
     """One caller's row, its outcome, and the event that wakes it (its row done, or its turn to lead)."""
 
-    __slots__ = ("item", "result", "error", "finished", "lead", "wake")
+    __slots__ = ("item", "result", "error", "finished", "wake")
 
     def __init__(self, item: Received):
         self.item = item
         self.result = False
         self.error: StoreError | None = None
         self.finished = False
-        self.lead = False
         self.wake = threading.Event()
 
 
@@ -60,12 +59,13 @@ class GroupRecorder:
         with self._lock:
             if self._closed:
                 raise StoreError("the instance recorder has stopped")
-            if self._leading:
-                self._waiting.append(slot)
+            lead = not self._leading
+            if lead:
+                self._leading = True
             else:
-                self._leading = slot.lead = True
-        if not slot.lead:
-            slot.wake.wait()
+                self._waiting.append(slot)
+        if not lead:
+            slot.wake.wait()  # its row done by a leader, or woken to lead (then not finished)
         if not slot.finished:  # this thread leads: its own row and whatever queued meanwhile
             with self._lock:
                 batch = [slot]
@@ -79,9 +79,7 @@ class GroupRecorder:
                         self._finish(one, error=StoreError("the instance was not recorded"))
                 with self._lock:  # hand the lead to the oldest caller still waiting, or give it up
                     if self._waiting:
-                        after = self._waiting.popleft()
-                        after.lead = True
-                        after.wake.set()
+                        self._waiting.popleft().wake.set()
                     else:
                         self._leading = False
         if slot.error is not None:

@@ -9,12 +9,14 @@ runs on PostgreSQL. Every change that belongs together happens in one transactio
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from types import SimpleNamespace
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
@@ -247,28 +249,19 @@ def migrate(engine: Engine, to: str = "head") -> str:
         return str(MigrationContext.configure(conn).get_current_revision())
 
 
-class _RecordStatements:
+@functools.cache
+def _record_statements(dialect: str) -> SimpleNamespace:
     """The statements every received instance runs, built once per dialect (bound parameters, no values):
     an INSERT ... ON CONFLICT DO NOTHING RETURNING (a row back says the instance is new: one round trip
     instead of a look-up and an insert) and the receiving study's count and time, urgent or not."""
-
-    _built: dict[str, _RecordStatements] = {}
-
-    def __init__(self, dialect: str):
-        make = postgresql_insert if dialect == "postgresql" else sqlite_insert
-        self.new_instance = (make(instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                             .returning(instances.c.sop_instance_uid))
-        receiving = update(studies).where(studies.c.study_instance_uid == bindparam("b_uid"),
-                                          studies.c.state == StudyState.RECEIVING)
-        bumped = {"instances": studies.c.instances + 1, "last_received_at": bindparam("b_now")}
-        self.bump = receiving.values(**bumped)
-        self.bump_urgent = receiving.values(**bumped, urgent=True)
-
-    @classmethod
-    def of(cls, dialect: str) -> _RecordStatements:
-        if dialect not in cls._built:
-            cls._built[dialect] = cls(dialect)
-        return cls._built[dialect]
+    make = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    receiving = update(studies).where(studies.c.study_instance_uid == bindparam("b_uid"),
+                                      studies.c.state == StudyState.RECEIVING)
+    bumped = {"instances": studies.c.instances + 1, "last_received_at": bindparam("b_now")}
+    return SimpleNamespace(
+        new_instance=(make(instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                      .returning(instances.c.sop_instance_uid)),
+        bump=receiving.values(**bumped), bump_urgent=receiving.values(**bumped, urgent=True))
 
 
 class Store:
@@ -306,8 +299,8 @@ class Store:
     @staticmethod
     def _record(conn, item: Received, now: dt.datetime) -> bool:
         # Two statements for the usual instance (a new one of a study that is receiving), each built once
-        # (_RecordStatements), so SQLAlchemy neither rebuilds nor re-compiles them per instance.
-        st = _RecordStatements.of(conn.dialect.name)
+        # (_record_statements), so SQLAlchemy neither rebuilds nor re-compiles them per instance.
+        st = _record_statements(conn.dialect.name)
         row = {"sop_instance_uid": item.sop_instance_uid, "study_instance_uid": item.study_instance_uid,
                "series_instance_uid": item.series_instance_uid, "sop_class_uid": item.sop_class_uid,
                "transfer_syntax_uid": item.transfer_syntax_uid, "path": str(item.path), "bytes": item.bytes,
@@ -332,12 +325,13 @@ class Store:
                                                detail=f"from {item.calling_ae_title}"
                                                + (f" at {item.address}" if item.address else "")))
             return True
-        values: dict = {"instances": studies.c.instances + 1, "last_received_at": now, "state": StudyState.RECEIVING,
-                        "completed_at": None, "wait_started_at": now}
+        values: dict = {"instances": studies.c.instances + 1, "last_received_at": now}
         if item.urgent:
             values["urgent"] = True
-        conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
-                                           kind="study-reopened", detail=item.sop_instance_uid))
+        if study.state != StudyState.RECEIVING:  # receiving here only if another node made it since the bump
+            values |= {"state": StudyState.RECEIVING, "completed_at": None, "wait_started_at": now}
+            conn.execute(insert(events).values(at=now, study_instance_uid=item.study_instance_uid,
+                                               kind="study-reopened", detail=item.sop_instance_uid))
         conn.execute(update(studies).where(studies.c.study_instance_uid == item.study_instance_uid)
                      .values(**values))
         return True
