@@ -104,6 +104,11 @@ class Stage1Settings(_Section):
     # or an exported bundle's folder: its folded stage 1 is read back and its BNs recalibrated on this
     # run's training slabs (training/from_bundle.py); the bundle's preprocessing must be this run's.
     init: Path | None = None
+    # "bf16": on the CPU, bfloat16 autocast and channels-last weights for the training steps and the
+    # per-epoch validation and hard-negative passes (a 1.9x faster step on a CPU with AVX-512 BF16;
+    # benchmarks/train_precision.py). Features for stage 2 and the exported model stay float32. CUDA
+    # always trains under bfloat16 autocast.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class Stage2Settings(_Section):

@@ -174,6 +174,7 @@ def batch_loss(model: torch.nn.Module, s: Stage1Settings, x: torch.Tensor, m: to
     x, m = x.to(device, non_blocking=True), m.to(device, non_blocking=True)
     with autocast:
         logit, _, cam = model(x)
+    logit, cam = logit.float(), cam.float()  # the losses in float32 whatever the forward pass ran in
     y = labels.to(device)
     bce = slice_loss(logit, y)
     att = torch.zeros((), device=device)
@@ -185,17 +186,32 @@ def batch_loss(model: torch.nn.Module, s: Stage1Settings, x: torch.Tensor, m: to
 
 
 def slice_scores(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
-                 batch: int = 64) -> np.ndarray:
-    return slice_scores_and_peaks(model, cache, rows, device, batch)[0]
+                 batch: int = 64, autocast=None) -> np.ndarray:
+    return slice_scores_and_peaks(model, cache, rows, device, batch, autocast)[0]
+
+
+def training_precision(model: SliceNet, s: Stage1Settings, device: torch.device):
+    """The autocast context stage 1 trains under, after putting the model in the matching memory format.
+
+    CUDA: bfloat16 autocast, as always. CPU: float32, or with ``precision: bf16`` bfloat16 autocast
+    and channels-last weights (oneDNN's fast path for both). Call before the optimiser is built."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if s.precision == "bf16":
+        model.to(memory_format=torch.channels_last)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def slice_scores_and_peaks(model: SliceNet, cache: SliceCache, rows: np.ndarray, device: torch.device,
-                           batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Slice logits (N,) and where each CAM peaks, as (N, 2) input-pixel y, x (the peak cell's centre)."""
+                           batch: int = 64, autocast=None) -> tuple[np.ndarray, np.ndarray]:
+    """Slice logits (N,) and where each CAM peaks, as (N, 2) input-pixel y, x (the peak cell's centre).
+
+    ``autocast``: the training steps' precision context for the per-epoch passes; None: float32."""
     model.eval()
     out, peaks = [], []
     size = cache.images.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), autocast if autocast is not None else nullcontext():
         for lo in range(0, len(rows), batch):
             x = torch.from_numpy(to_float(cache.images[rows[lo:lo + batch]])).to(device)
             logit, _, cam = model(x)
@@ -216,6 +232,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
     r = distributed.ranks()
     seed_everything(cfg.seed)
     model = build_slice_net(cfg).to(device)
+    autocast = training_precision(model, s, device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     total = s.epochs * s.steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
@@ -269,7 +286,6 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         console.print(f"stage 1: {len(np.unique(small_spots[:, 0]))} of {len(annotated)} annotated training "
                       f"slabs hold a small clot ({len(small_spots)} pixels)")
     log = EpochLog(run_dir, "stage1")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over the processes
     with _progress() as progress:
         task = progress.add_task("", total=total, completed=start_epoch * s.steps_per_epoch, stage="stage 1")
@@ -277,7 +293,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             rng = np.random.default_rng([cfg.seed, epoch])  # the same on every process: the hard-negative pool
             if n_hard and epoch > 0:
                 pool = np.sort(rng.choice(neg, min(s.hard_pool, len(neg)), replace=False))
-                scores, peaks = slice_scores_and_peaks(model, cache, pool, device)
+                scores, peaks = slice_scores_and_peaks(model, cache, pool, device, autocast=autocast)
                 top = np.argsort(-scores)[: max(1, len(pool) // 4)]
                 hard = pool[top]
                 hard_spots = np.column_stack([hard, peaks[top]])
@@ -321,7 +337,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                                 f"attention {sums['attention'] / (step + 1):.3f})")
             val_auc = float("nan")
             if len(vpos) and r.main:  # rank 0 validates; every process takes its figure
-                val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device))
+                val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device, autocast=autocast))
             val_auc = distributed.broadcast_float(val_auc)
             n = s.steps_per_epoch
             mean = distributed.mean_over_ranks([sums["loss"], sums["bce"], sums["attention"], sums["annotated"]])
