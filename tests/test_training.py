@@ -16,9 +16,10 @@ from node.series import read_volume
 from training import TrainingError
 from training.cli import _prepare
 from training.cli import main as train_main
+from training.config import Stage1Settings
 from training.crops import MASK_ON, CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
-from training.engine import load_initial_weights
+from training.engine import batch_loss, load_initial_weights, training_precision
 from training.evaluate import max_slice_auc
 from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
@@ -167,6 +168,39 @@ def test_stage1_loss_falls_on_a_fixed_batch_and_stays_finite():
         losses.append(loss.item())
     assert all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_bf16_training_learns_on_the_cpu_and_leaves_weights_a_float32_net_computes_alike():
+    torch.manual_seed(0)
+    model = SliceNet(width=8)
+    s = Stage1Settings(precision="bf16", attention_loss="cells")
+    autocast = training_precision(model, s, torch.device("cpu"))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.rand(8, 3, 64, 64), torch.tensor([1.0, 0.0] * 4)
+    mask = torch.zeros(8, 64, 64)
+    mask[::2, 20:30, 20:30] = 1.0
+    with autocast:  # the forward pass really runs in bfloat16
+        assert model(x)[0].dtype == torch.bfloat16
+    losses = []
+    for _ in range(40):
+        bce, att = batch_loss(model, s, x, mask, y, torch.ones(8, dtype=torch.bool), torch.device("cpu"), autocast)
+        assert bce.dtype == att.dtype == torch.float32
+        opt.zero_grad()
+        (bce + att).backward()
+        opt.step()
+        losses.append((bce + att).item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    plain = SliceNet(width=8)  # what features, evaluation and export build: float32, default memory format
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        reference = plain(x)[0]
+        assert torch.allclose(reference, model(x)[0], atol=1e-5)
+        with autocast:
+            fast = model(x)[0].float()
+    assert float((fast - reference).abs().max()) < 0.1  # bfloat16 ranks slices as float32 does
 
 
 def test_metrics_agree_with_brute_force_and_pick_a_threshold_that_meets_the_target():

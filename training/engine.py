@@ -198,7 +198,7 @@ def training_precision(model: SliceNet, s: Stage1Settings, device: torch.device)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if s.precision == "bf16":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs lack it
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
