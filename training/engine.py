@@ -286,6 +286,9 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
         console.print(f"stage 1: {len(np.unique(small_spots[:, 0]))} of {len(annotated)} annotated training "
                       f"slabs hold a small clot ({len(small_spots)} pixels)")
     log = EpochLog(run_dir, "stage1")
+    # The per-epoch validation and hard-negative passes: in bfloat16 only when the setting asks for it
+    # (on CUDA the steps always are; its passes stay float32 unless precision is bf16).
+    passes = autocast if s.precision == "bf16" else None
     net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over the processes
     with _progress() as progress:
         task = progress.add_task("", total=total, completed=start_epoch * s.steps_per_epoch, stage="stage 1")
@@ -293,7 +296,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             rng = np.random.default_rng([cfg.seed, epoch])  # the same on every process: the hard-negative pool
             if n_hard and epoch > 0:
                 pool = np.sort(rng.choice(neg, min(s.hard_pool, len(neg)), replace=False))
-                scores, peaks = slice_scores_and_peaks(model, cache, pool, device, autocast=autocast)
+                scores, peaks = slice_scores_and_peaks(model, cache, pool, device, autocast=passes)
                 top = np.argsort(-scores)[: max(1, len(pool) // 4)]
                 hard = pool[top]
                 hard_spots = np.column_stack([hard, peaks[top]])
@@ -337,7 +340,7 @@ def train_stage1(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                                 f"attention {sums['attention'] / (step + 1):.3f})")
             val_auc = float("nan")
             if len(vpos) and r.main:  # rank 0 validates; every process takes its figure
-                val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device, autocast=autocast))
+                val_auc = roc_auc(val_labels, slice_scores(model, cache, val_rows, device, autocast=passes))
             val_auc = distributed.broadcast_float(val_auc)
             n = s.steps_per_epoch
             mean = distributed.mean_over_ranks([sums["loss"], sums["bce"], sums["attention"], sums["annotated"]])
