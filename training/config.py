@@ -72,6 +72,10 @@ class Stage1Settings(_Section):
     attention_weight: float = Field(default=1.0, ge=0)  # lambda; 0 switches the attention loss off
     # "cells": every CAM cell against the mask (training/losses.py), applied to PE-negative slices too
     attention_loss: Literal["mass", "mse", "cells"] = "mass"
+    # With "cells": also the mean BCE of every embolus cell and of each slice's k hottest other cells
+    # (training/losses.py, hard_cell_loss); 0: off. A study is called by its hottest cell, so the
+    # cells that decide it are weighed like the slice loss rather than as 1 of 144.
+    hard_cells: int = Field(default=0, ge=0, le=64)
     # Crops of this many input pixels alongside each full-slice batch (training/crops.py); None: none.
     crop: int | None = Field(default=None, ge=32)
     crop_batch: int = Field(default=48, ge=2)
@@ -153,6 +157,13 @@ class TrainConfig(_Section):
         if self.stage2.rnn == "convlstm" and (self.stage1.spatial_channels < 1 or not self.stage1.feature_scores):
             raise ValueError("stage2.rnn=convlstm reads stage 1's spatial maps and scores: set "
                              "stage1.spatial_channels >= 1 and stage1.feature_scores=true")
+        return self
+
+    @model_validator(mode="after")
+    def _hard_cells_need_the_cells_loss(self) -> TrainConfig:
+        if self.stage1.hard_cells and self.stage1.attention_loss != "cells":
+            raise ValueError("stage1.hard_cells weighs CAM cells against the mask: it needs "
+                             "stage1.attention_loss=cells")
         return self
 
     def to_yaml(self) -> str:

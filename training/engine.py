@@ -181,7 +181,7 @@ def batch_loss(model: torch.nn.Module, s: Stage1Settings, x: torch.Tensor, m: to
     known = (has_mask | (labels == 0)) if s.attention_loss == "cells" else (has_mask & (labels == 1))
     known = known.to(device)
     if s.attention_weight > 0 and bool(known.any()):
-        att = attention_loss(cam[known], m[known], s.attention_loss)
+        att = attention_loss(cam[known], m[known], s.attention_loss, s.hard_cells)
     return bce, att
 
 
