@@ -1,5 +1,5 @@
-"""Where one association's C-STORE time goes in the node's listener, and what pynetdicom's 1 ms
-association-reactor sleep costs.
+"""Where one association's C-STORE time goes in the node's listener, and what waking pynetdicom's
+reactors on work (node/reactor.py) buys over polling.
 
     .venv/bin/python benchmarks/ingest_breakdown.py [--slices 200] [--rounds 2]
 
@@ -8,8 +8,9 @@ One 512x512 phantom study is sent with DCMTK ``storescu`` (one association, TCP_
 listener, the handler's parts are timed by wrapping them (re-encoding with file meta, header parse,
 spool write and its fsyncs, the store's transaction in the group-commit thread); what is left of the
 wall time per image is pynetdicom (PDU reading, DIMSE decoding and the C-STORE-RSP) and the sender.
-A second listener run has pynetdicom's association reactor sleep 0.1 ms instead of 1 ms per loop
-(a shim on ``pynetdicom.association.time``, measurement only) to tell whether that sleep matters.
+A second listener run polls as the node did before node/reactor.py (the DUL reactor every 0.1 ms,
+the association reactor every 1 ms, pynetdicom's own sleeps) in the same round, with the CPU time
+the process spent per image for both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import pynetdicom.association as pynetdicom_association
+import pynetdicom.dul as pynetdicom_dul
 from pynetdicom.events import Event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,15 +50,26 @@ def timed(name: str, fn):
     return wrapper
 
 
-class QuickSleep:
-    """``time`` for pynetdicom.association with its 1 ms reactor sleep cut to 0.1 ms."""
+class Polling:
+    """The listener's reactors as before node/reactor.py: pynetdicom's sleeps, the DUL's at 0.1 ms."""
 
-    def __getattr__(self, name):
-        return getattr(time, name)
+    def __enter__(self):
+        self.saved = pynetdicom_dul.time, pynetdicom_association.time, scp.reactor.install, scp.reactor.uninstall
+        pynetdicom_dul.time = pynetdicom_association.time = time  # type: ignore[assignment]
+        scp.reactor.install = lambda assoc: setattr(assoc.dul, "_run_loop_delay", 0.0001)  # type: ignore[assignment]
+        scp.reactor.uninstall = lambda assoc: None  # type: ignore[assignment]
+        return self
 
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(0.0001 if seconds == 0.001 else seconds)
+    def __exit__(self, *exc) -> None:
+        (pynetdicom_dul.time, pynetdicom_association.time, scp.reactor.install,
+         scp.reactor.uninstall) = self.saved  # type: ignore[assignment]
+
+
+def cpu_run(run, *args) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one listener run."""
+    cpu = time.process_time()
+    wall = run(*args)
+    return wall, time.process_time() - cpu
 
 
 def instrument() -> None:
@@ -85,21 +98,19 @@ def main() -> int:
         for k in range(args.rounds):
             base = storescp_run(tmp / "in", tmp / f"scp{k}")
             SPENT.clear()
-            node = listener_run(tmp / "in", tmp / f"node{k}")
+            node, node_cpu = cpu_run(listener_run, tmp / "in", tmp / f"node{k}")
             for name, seconds in SPENT.items():
                 spent[name] += seconds
             listener_seconds += node
-            pynetdicom_association.time = QuickSleep()  # type: ignore[assignment]
-            try:
-                quick = listener_run(tmp / "in", tmp / f"quick{k}")
-            finally:
-                pynetdicom_association.time = time  # type: ignore[assignment]
-            rows.append((n / base, n / node, n / quick))
+            with Polling():
+                polled, polled_cpu = cpu_run(listener_run, tmp / "in", tmp / f"polled{k}")
+            rows.append((n / base, n / node, n / polled, 1000 * node_cpu / n, 1000 * polled_cpu / n))
     print(f"{n} images of 512x512, one association, TCP_NODELAY=1, {args.rounds} rounds")
-    print(f"{'round':<6} {'storescp img/s':>15} {'listener img/s':>15} {'ratio':>6} "
-          f"{'reactor 0.1 ms img/s':>21} {'ratio':>6}")
-    for k, (base, node, quick) in enumerate(rows, 1):
-        print(f"{k:<6} {base:15.0f} {node:15.0f} {node / base:5.2f}x {quick:21.0f} {quick / base:5.2f}x")
+    print(f"{'round':<6} {'storescp img/s':>15} {'listener img/s':>15} {'ratio':>6} {'CPU ms/img':>10} "
+          f"{'polling img/s':>14} {'ratio':>6} {'CPU ms/img':>10}")
+    for k, (base, node, polled, cpu, polled_cpu) in enumerate(rows, 1):
+        print(f"{k:<6} {base:15.0f} {node:15.0f} {node / base:5.2f}x {cpu:10.2f} {polled:14.0f} "
+              f"{polled / base:5.2f}x {polled_cpu:10.2f}")
     per = 1000 * listener_seconds / (n * args.rounds)
     print(f"\nlistener, ms per image (wall {per:.2f} ms; the parts below overlap across threads):")
     order = ["re-encode with file meta", "parse the header (UIDs, urgency)", "spool write (incl. fsyncs)",

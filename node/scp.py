@@ -39,6 +39,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import reactor
 from node.config import Config
 from node.errors import NodeError
 from node.group_commit import GroupRecorder
@@ -230,13 +231,13 @@ class SharedPortListenerServer(ListenerServer):
         super().server_bind()
 
 
-def quick_polling(event) -> None:
-    """Let the association's DUL reactor look for the next PDU every 0.1 ms instead of every 1 ms while
-    it waits (pynetdicom's ``_run_loop_delay``, the knob its maintainers point to for throughput):
-    each C-STORE otherwise waits up to a millisecond before it is even read."""
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = 0.0001
+def wake_on_work(event) -> None:
+    """The association's two reactor threads wait for work instead of polling (node/reactor.py)."""
+    reactor.install(event.assoc)
+
+
+def stop_waking(event) -> None:
+    reactor.uninstall(event.assoc)
 
 
 def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Callable[[str], None] | None = None,
@@ -254,7 +255,7 @@ def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Ca
                              urgent_values=tuple(config.triage.urgent_values), on_status=on_status, mark=mark,
                              recorder=recorder)
     handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                      (evt.EVT_CONN_OPEN, quick_polling)]
+                      (evt.EVT_CONN_OPEN, wake_on_work), (evt.EVT_CONN_CLOSE, stop_waking)]
     log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.host, config.node.port,
              " (DICOM TLS)" if tls else "")
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from conftest import SMALL, free_port, require_tool
+from node import reactor
 from node.config import Config, load_config
 from node.phantom import PhantomOptions, generate_study, write_study
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, start_scp
@@ -47,21 +50,44 @@ def test_echo_answers_success_to_an_allowed_caller(node):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_an_open_association_looks_for_the_next_pdu_every_tenth_of_a_millisecond(tmp_path):
+def test_an_open_association_waits_for_work_instead_of_polling_and_answers_at_once(tmp_path):
     cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
                                                    f"node.port={free_port()}"])
     (tmp_path / "var").mkdir()
     server = start_scp(cfg, Store(database_url(cfg.storage.root)))
+    loops = {"dul": 0, "association": 0}
+    dul_sleep, assoc_sleep = reactor._DulTime.sleep, reactor._AssociationTime.sleep
+
+    def count(name, sleep):
+        def counted(seconds):
+            if hasattr(threading.current_thread(), "_petriage_waker"):  # the listener's side, not this SCU's
+                loops[name] += 1
+            sleep(seconds)
+        return staticmethod(counted)
+
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
         assert assoc.is_established
         (ours,) = server.active_associations
-        assert ours.dul._run_loop_delay == pytest.approx(0.0001)  # pynetdicom waits 1 ms by default
-        assert assoc.send_c_echo().Status == 0
+        waker = ours.dul._petriage_waker
+        assert waker is ours._petriage_waker and not waker.closed
+        reactor._DulTime.sleep, reactor._AssociationTime.sleep = count("dul", dul_sleep), count("association",
+                                                                                                  assoc_sleep)
+        time.sleep(0.5)
+        idle = dict(loops)
+        # pynetdicom's polling looks 5,000 (DUL at 0.1 ms) and 500 (association at 1 ms) times in 0.5 s;
+        # waiting on the socket and the queues, each thread looks about once per CAP (10 ms)
+        assert 5 <= idle["dul"] <= 5 * 0.5 / reactor.CAP and 5 <= idle["association"] <= 5 * 0.5 / reactor.CAP
+        assert all(assoc.send_c_echo().Status == 0 for _ in range(20))  # each one woke both threads at once
         assoc.release()
+        deadline = time.monotonic() + 5
+        while not waker.closed and time.monotonic() < deadline:  # closed with the connection
+            time.sleep(0.01)
+        assert waker.closed
     finally:
+        reactor._DulTime.sleep, reactor._AssociationTime.sleep = staticmethod(dul_sleep), staticmethod(assoc_sleep)
         server.shutdown()
 
 
