@@ -5,7 +5,7 @@ reactors on work (node/reactor.py) buys over polling.
 
 One 512x512 phantom study is sent with DCMTK ``storescu`` (one association, TCP_NODELAY=1) to DCMTK
 ``storescp`` (the baseline) and to the node's listener, ``--rounds`` times each, alternating. In the
-listener, the handler's parts are timed by wrapping them (re-encoding with file meta, header parse,
+listener, the handler's parts are timed by wrapping them (packing the file meta, header parse,
 spool write and its fsyncs, the store's transaction in the group-commit thread); what is left of the
 wall time per image is pynetdicom (PDU reading, DIMSE decoding and the C-STORE-RSP) and the sender.
 A second listener run polls as the node did before node/reactor.py (the DUL reactor every 0.1 ms,
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pynetdicom.association as pynetdicom_association
 import pynetdicom.dul as pynetdicom_dul
-from pynetdicom.events import Event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,7 +72,7 @@ def cpu_run(run, *args) -> tuple[float, float]:
 
 
 def instrument() -> None:
-    Event.encoded_dataset = timed("re-encode with file meta", Event.encoded_dataset)
+    scp.part10_header = timed("file meta, packed (node/file_meta.py)", scp.part10_header)
     scp.pydicom.dcmread = timed("parse the header (UIDs, urgency)", scp.pydicom.dcmread)
     scp.write_atomic = timed("spool write (incl. fsyncs)", scp.write_atomic)
     os.fsync = timed("  of which fsync (file + folder)", os.fsync)  # only node.spool calls it from Python
@@ -113,7 +112,7 @@ def main() -> int:
               f"{polled / base:5.2f}x {polled_cpu:10.2f}")
     per = 1000 * listener_seconds / (n * args.rounds)
     print(f"\nlistener, ms per image (wall {per:.2f} ms; the parts below overlap across threads):")
-    order = ["re-encode with file meta", "parse the header (UIDs, urgency)", "spool write (incl. fsyncs)",
+    order = ["file meta, packed (node/file_meta.py)", "parse the header (UIDs, urgency)", "spool write (incl. fsyncs)",
              "  of which fsync (file + folder)", "store: record (group commit)",
              "  of which the transaction (2 statements + WAL fsync)", "handler in all"]
     for name in order:

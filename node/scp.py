@@ -1,7 +1,7 @@
 """The DICOM listener (pynetdicom): C-ECHO, and C-STORE of every storage SOP class.
 
 The C-STORE handler decodes nothing but three UIDs from the header, writes the bytes the sender
-sent (``event.encoded_dataset()``) to the spool atomically and durably, records the instance, and
+sent behind a File Format header (node/file_meta.py) to the spool atomically and durably, records the instance, and
 only then answers success. CT images are what the node analyses; every other object is stored and
 ignored, so a PACS's auto-forward never sees an error. Statuses are named, never bare numbers.
 """
@@ -42,6 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import reactor
 from node.config import Config
 from node.errors import NodeError
+from node.file_meta import part10_header
 from node.group_commit import GroupRecorder
 from node.spool import SpoolError, check_uid, instance_path, write_atomic
 from node.storage_mark import StorageMark
@@ -97,9 +98,11 @@ class StorageHandler:
 
     def _store(self, event) -> int:
         calling = event.assoc.requestor.ae_title.strip()
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot even re-encode: refuse it, named
+        request = event.request
+        try:  # the File Format header, then the sender's bytes as they came (one copy, no re-encoding)
+            data = part10_header(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                                 str(event.context.transfer_syntax)) + request.DataSet.getbuffer()
+        except Exception as exc:  # noqa: BLE001 - a dataset that cannot even be framed as a file: refuse it, named
             log.warning("C-STORE from %s refused: the data set cannot be read (%s)", calling, type(exc).__name__)
             return CANNOT_UNDERSTAND
         if self.mark is not None and not self.mark.present():

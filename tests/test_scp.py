@@ -6,16 +6,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from conftest import SMALL, free_port, require_tool
 from node import reactor
 from node.config import Config, load_config
+from node.file_meta import part10_header
 from node.phantom import PhantomOptions, generate_study, write_study
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, start_scp
 from node.spool import instance_path, sweep_partials, write_atomic
@@ -112,6 +115,16 @@ def test_a_series_from_storescu_is_spooled_byte_for_byte_and_recorded_once(node,
     assert _storescu(cfg, tmp_path / "out", flag).returncode == 0
     assert store.study(uid)["instances"] == len(paths)
     assert sum(e["kind"] == "duplicate" for e in store.events_of(uid)) == len(paths)
+
+
+@pytest.mark.parametrize("instance", ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.12"])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2"])
+def test_the_file_meta_the_listener_packs_is_the_one_pynetdicom_would_encode(instance, syntax):
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=instance, transfer_syntax=syntax))
+    assert part10_header("1.2.840.10008.5.1.4.1.1.2", instance, syntax) == expected  # odd and even UID lengths
+    meta = pydicom.dcmread(BytesIO(expected + b"\x08\x00\x16\x00UI\x00\x00"), force=True).file_meta
+    assert meta.MediaStorageSOPInstanceUID == instance and meta.TransferSyntaxUID == syntax
 
 
 def test_a_caller_outside_the_allow_list_is_rejected_and_nothing_is_stored(node, tmp_path):
