@@ -8,12 +8,17 @@ worker reports them by name). An instance in a compressed syntax the destination
 goes decompressed when it accepted Explicit VR Little Endian. A refused association, a status that
 is not success or a warning, or a network error raises ``SendError`` naming the destination and the
 status; what was acknowledged before that is still reported in the error, so a retry sends only the rest.
+
+Every request waits until the association's own reactor thread is parked (``hold_reactor``): pynetdicom's
+pause handshake can let that thread take the response off the queue, and the request then waits out
+the DIMSE timeout for an answer that already came.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +27,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, Association
 
 from node.config import Destination
 from node.errors import NodeError
@@ -60,6 +65,29 @@ class SendError(NodeError):
         self.acknowledged = acknowledged
 
 
+def hold_reactor(assoc: Association, timeout_seconds: float = 5.0) -> bool:
+    """Park ``assoc``'s reactor thread on its checkpoint before a request; False if it did not park in time.
+
+    A requestor association runs a reactor thread that takes DIMSE messages off the queue and answers
+    requests. pynetdicom's ``send_*`` methods stop it for their response by clearing a checkpoint
+    (``_reactor_checkpoint``) and waiting for the thread's ``_is_paused`` flag; after the response they set
+    the checkpoint again. The flag is still True from the last pause until the reactor thread runs, so a
+    request sent right after another can see it, go out, and the reactor thread, waking now, takes the
+    response as an "unexpected C-STORE service message"; the request waits out the DIMSE timeout and
+    fails a delivery that succeeded (seen under CPU load, 2026-12-06). Here the checkpoint is cleared
+    and the thread is waited for until it is blocked on it (a waiter on the Event's condition), where it
+    cannot take anything; ``send_*`` then finds it paused, and sets the checkpoint itself when done.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout_seconds
+    while not checkpoint._cond._waiters:  # type: ignore[attr-defined]  # CPython's threading.Condition
+        if not assoc.is_alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0001)
+    return True
+
+
 def client_tls_context(destination: Destination) -> ssl.SSLContext:
     """TLS to a destination: verify its certificate against ``tls_ca`` (and its host name); present
     our certificate when ``tls_cert``/``tls_key`` are set."""
@@ -74,8 +102,6 @@ def client_tls_context(destination: Destination) -> ssl.SSLContext:
 
 def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: float = 10.0) -> float:
     """C-ECHO a destination; returns the round trip in seconds, SendError if it does not answer success."""
-    import time
-
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title=calling_ae_title)
@@ -88,6 +114,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_seconds: fl
     if not assoc.is_established:
         raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}", [])
     try:
+        hold_reactor(assoc)
         status = assoc.send_c_echo()
     finally:
         assoc.release()
@@ -137,6 +164,7 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
             if str(ds.file_meta.TransferSyntaxUID) not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
                 # the destination takes the class, not this compression: send it plain (the same instance)
                 ds.decompress(generate_instance_uid=False)
+            hold_reactor(assoc)
             status = assoc.send_c_store(ds, priority=priority)
             code = int(getattr(status, "Status", -1)) if status else -1
             if code == SUCCESS or code in WARNINGS:

@@ -5,9 +5,13 @@ when it is back. Every peer is real: pynetdicom storage SCPs on loopback, Orthan
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pydicom
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from typer.testing import CliRunner
 
 from conftest import free_port, running_orthanc
@@ -16,6 +20,7 @@ from node.cli import app, main
 from node.commands.serve import Node
 from node.config import load_config
 from node.phantom import PhantomOptions, generate_study, write_study
+from node.scu import hold_reactor
 from node.store import JobState
 
 SMALL = PhantomOptions(matrix=256, slices=64, slice_spacing_mm=4.5, min_embolus_mm=10.0,
@@ -66,6 +71,36 @@ def test_a_pacs_that_refuses_seg_gets_the_rest_once_and_queue_show_names_the_ref
     shown = CliRunner().invoke(app, ["--config", str(path), "queue", "show", uid], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     assert "refused by the destination, not sent: Segmentation Storage (1)" in " ".join(shown.output.split())
+
+
+def test_a_response_reaches_its_request_because_the_association_reactor_is_parked_before_it_goes_out():
+    """The race behind a delivery that failed on a DIMSE timeout although the PACS had answered: the
+    requestor association's reactor thread took the response as "unexpected". Here the requesting
+    thread turns to the queue 50 ms late, as a thread that waits for the GIL on a loaded machine does:
+    after ``hold_reactor`` its response is still there; a reactor thread left running (it polls every
+    1 ms) has taken it by then, and the request hears nothing."""
+    pacs, port = RecordingPacs(ae_title="ECHO"), free_port()
+    pacs.start(port)
+    ae = AE(ae_title="PETRIAGE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ECHO")
+    try:
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        for message_id in (1, 2, 3):
+            assert hold_reactor(assoc)
+            request = C_ECHO()
+            request.MessageID, request.AffectedSOPClassUID = message_id, Verification
+            assoc.dimse.send_msg(request, context_id)
+            time.sleep(0.05)
+            _, response = assoc.dimse.get_msg(block=True)
+            assoc._reactor_checkpoint.set()  # what send_c_echo does once it has its response
+            assert response is not None, f"request {message_id}: the reactor thread took the response"
+            assert response.MessageIDBeingRespondedTo == message_id and response.Status == 0x0000
+    finally:
+        assoc.release()
+        pacs.stop()
 
 
 def test_a_destination_that_takes_only_the_sr_gets_only_the_sr(tmp_path):
