@@ -1,0 +1,61 @@
+"""Can the stage-1 input itself tell a study's arterial enhancement? (Training split only.)
+
+The weak-bolus PE-negative studies are the ones the bundles flag most (docs/training.md, "Which
+PE-negative studies bundle 0.4.0 flags"); giving stage 2 the study's enhancement needs a number the
+node and training both compute from the same input. This reads a slab cache's PE-window channel
+(centre 100, width 700 HU: 0..255 -> -250..450 HU), keeps the central 60 % of the field and the
+middle half of each study's slabs (where the pulmonary arteries are), and ranks candidate study
+statistics against the phantom's drawn arterial lumen HU (phantom.json ``artery_hu``):
+
+    .venv/bin/python scripts/bolus_from_input.py --cache data/varied/.cache/8e78324b57e4c310 \\
+        --phantom data/varied/phantom.json --splits runs/v16/splits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from training.data import open_cache
+
+LOW, TOP = -250.0, 450.0  # the PE window's ends in HU
+
+
+def study_statistics(slabs: np.ndarray) -> dict[str, float]:
+    """(N, H, W) PE-window bytes of one study -> candidate enhancement statistics."""
+    n, size = len(slabs), slabs.shape[-1]
+    lo, hi = int(size * 0.2), int(size * 0.8)
+    hu = LOW + slabs[n // 4: max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi].astype(np.float32) / 255 * (TOP - LOW)
+    bright = hu[(hu > 120) & (hu < TOP - 1)]
+    out = {f"p{q} of 120-449 HU": float(np.percentile(bright, q)) if bright.size else 0.0 for q in (50, 75, 90, 99)}
+    out["fraction at the window's top"] = float((hu >= TOP - 1).mean())
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--phantom", required=True)
+    parser.add_argument("--splits", required=True)
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args()
+    cache = open_cache(args.cache)
+    keep = set(json.load(open(args.splits))[args.split])
+    drawn = {s["study_instance_uid"]: s["artery_hu"] for s in json.load(open(args.phantom))["studies"]}
+    truth, stats = [], []
+    for study in cache.studies:
+        uid = study["study_instance_uid"]
+        if uid in keep and uid in drawn:
+            truth.append(drawn[uid])
+            stats.append(study_statistics(np.asarray(cache.images[study["start"]:study["start"] + study["count"], 0])))
+    print(f"{len(truth)} {args.split} studies: Spearman correlation with the drawn arterial lumen HU")
+    for name in stats[0]:
+        print(f"  {name}: {spearmanr(truth, [s[name] for s in stats]).statistic:+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
