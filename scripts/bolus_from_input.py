@@ -2,10 +2,11 @@
 
 The weak-bolus PE-negative studies are the ones the bundles flag most (docs/training.md, "Which
 PE-negative studies bundle 0.4.0 flags"); giving stage 2 the study's enhancement needs a number the
-node and training both compute from the same input. This reads a slab cache's PE-window channel
-(centre 100, width 700 HU: 0..255 -> -250..450 HU), keeps the central 60 % of the field and the
-middle half of each study's slabs (where the pulmonary arteries are), and ranks candidate study
-statistics against the phantom's drawn arterial lumen HU (phantom.json ``artery_hu``):
+node and training both compute from the same input. This reads a slab cache's first channel, the
+PE window (its centre and width from the cache's own layout.json: 0..255 -> the window's ends),
+keeps the central 60 % of the field and the middle half of each study's slabs (where the pulmonary
+arteries are), and ranks candidate study statistics against the phantom's drawn arterial lumen HU
+(phantom.json ``artery_hu``):
 
     .venv/bin/python scripts/bolus_from_input.py --cache data/varied/.cache/8e78324b57e4c310 \\
         --phantom data/varied/phantom.json --splits runs/v16/splits.json
@@ -15,23 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from training.data import open_cache
 
-LOW, TOP = -250.0, 450.0  # the PE window's ends in HU
 
-
-def study_statistics(slabs: np.ndarray) -> dict[str, float]:
-    """(N, H, W) PE-window bytes of one study -> candidate enhancement statistics."""
+def study_statistics(slabs: np.ndarray, low: float, top: float) -> dict[str, float]:
+    """(N, H, W) PE-window bytes of one study, the window's ends in HU -> candidate enhancement statistics."""
     n, size = len(slabs), slabs.shape[-1]
     lo, hi = int(size * 0.2), int(size * 0.8)
-    hu = LOW + slabs[n // 4: max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi].astype(np.float32) / 255 * (TOP - LOW)
-    bright = hu[(hu > 120) & (hu < TOP - 1)]
-    out = {f"p{q} of 120-449 HU": float(np.percentile(bright, q)) if bright.size else 0.0 for q in (50, 75, 90, 99)}
-    out["fraction at the window's top"] = float((hu >= TOP - 1).mean())
+    hu = low + slabs[n // 4: max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi].astype(np.float32) / 255 * (top - low)
+    bright = hu[(hu > 120) & (hu < top - 1)]
+    out = {f"p{q} of 120-{top - 1:.0f} HU": float(np.percentile(bright, q)) if bright.size else 0.0
+           for q in (50, 75, 90, 99)}
+    out["fraction at the window's top"] = float((hu >= top - 1).mean())
     return out
 
 
@@ -43,6 +44,8 @@ def main() -> int:
     parser.add_argument("--split", default="train")
     args = parser.parse_args()
     cache = open_cache(args.cache)
+    centre, width = json.loads((Path(args.cache) / "layout.json").read_text())["spec"]["windows"][0]
+    low, top = centre - width / 2, centre + width / 2
     keep = set(json.load(open(args.splits))[args.split])
     drawn = {s["study_instance_uid"]: s["artery_hu"] for s in json.load(open(args.phantom))["studies"]}
     truth, stats = [], []
@@ -50,7 +53,8 @@ def main() -> int:
         uid = study["study_instance_uid"]
         if uid in keep and uid in drawn:
             truth.append(drawn[uid])
-            stats.append(study_statistics(np.asarray(cache.images[study["start"]:study["start"] + study["count"], 0])))
+            slabs = np.asarray(cache.images[study["start"]:study["start"] + study["count"], 0])
+            stats.append(study_statistics(slabs, low, top))
     print(f"{len(truth)} {args.split} studies: Spearman correlation with the drawn arterial lumen HU")
     for name in stats[0]:
         print(f"  {name}: {spearmanr(truth, [s[name] for s in stats]).statistic:+.2f}")
