@@ -47,6 +47,7 @@ def trained_run(tmp_path_factory) -> Path:
                  "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
                  "preprocess.slab_mm=12", "preprocess.context=1",
                  "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
+                 "stage1.feature_scores=true", "stage1.enhancement=true", "stage2.inputs=scores",
                  "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
     assert train_main(["all", "--run", str(run), *sum((["--set", o] for o in overrides), [])]) == 0
     return run
@@ -89,6 +90,7 @@ def test_export_writes_checked_onnx_files_with_symbolic_batch_and_length_and_a_m
     op = manifest["operating_points"][0]
     assert 0 <= op["threshold"] <= 1 and op["name"] == manifest["default_operating_point"]
     assert manifest["preprocess"]["size"] == 64
+    assert manifest["training"]["stage1"]["enhancement"] is True  # the recipe's stage 2 input, in the graph
 
 
 def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(trained_run, bundle, tmp_path):

@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 
+from node.errors import ConfigError
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
 from node.preprocess import PreprocessSpec, add_context, preprocess
 from node.series import read_volume
 from training import TrainingError
 from training.cli import _prepare
 from training.cli import main as train_main
-from training.config import Stage1Settings
+from training.config import Stage1Settings, load_train_config
 from training.crops import MASK_ON, CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
 from training.engine import batch_loss, load_initial_weights, training_precision
 from training.evaluate import max_slice_auc
 from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
-from training.models import SliceNet, StudyNet
+from training.models import ENHANCEMENT_FLOOR_HU, SliceNet, StudyNet, slab_enhancement
 
 TINY = PhantomOptions(matrix=96, slices=24, slice_spacing_mm=12.0)
 SPEC = PreprocessSpec(size=64)
@@ -149,6 +150,58 @@ def test_slice_net_can_append_its_own_verdict_and_the_study_net_can_read_only_th
     changed = feature.clone()
     changed[:, :-2] = torch.randn(5, 128)  # everything but the two scores
     assert torch.equal(study(feature[None])[0], study(changed[None])[0])
+
+
+def _hu(byte: int) -> float:
+    return -250.0 + byte / 255.0 * 700.0  # the PE window (100, 700) the tests' enhancement reads
+
+
+def test_slab_enhancement_is_the_90th_percentile_of_the_bright_blood_in_the_central_field():
+    rng = np.random.default_rng(3)
+    image = np.full((64, 64), 60, dtype=np.uint8)  # soft tissue, under the 120 HU floor
+    blood = rng.integers(180, 250, size=(20, 20)).astype(np.uint8)  # 244-436 HU: enhanced arteries
+    image[20:40, 20:40] = blood
+    expected = np.sort(blood.ravel())[::-1][int(0.1 * blood.size)]  # the pixel ranked at 10 % from the top
+    got = slab_enhancement(torch.from_numpy(image[None] / 255.0), -250.0, 450.0)
+    assert got.item() == pytest.approx(_hu(int(expected)), abs=1e-3)
+    distractors = image.copy()
+    distractors[2:8, 2:8] = 240  # bright, but outside the central 60 % of the field
+    distractors[42:44, 20:30] = 255  # saturated, in the field: says only "at least the window's top"
+    distractors[45:47, 20:30] = 125  # just under the 120 HU floor, in the field
+    assert slab_enhancement(torch.from_numpy(distractors[None] / 255.0), -250.0, 450.0).item() == got.item()
+    weaker = image.copy()
+    weaker[20:40, 20:40] = blood - 36  # 99 HU less contrast, all of it still above the floor
+    assert slab_enhancement(torch.from_numpy(weaker[None] / 255.0), -250.0, 450.0).item() == \
+        pytest.approx(got.item() - _hu(36) + _hu(0), abs=1e-3)
+    nothing = slab_enhancement(torch.full((1, 64, 64), 60 / 255.0), -250.0, 450.0)
+    assert nothing.item() == ENHANCEMENT_FLOOR_HU
+
+
+def test_a_slice_net_with_enhancement_appends_it_last_and_the_study_net_reads_the_middle_half_of_the_study():
+    torch.manual_seed(0)
+    net = SliceNet(width=8, feature_scores=True, enhancement_window=(-250.0, 450.0)).eval()
+    x = torch.rand(5, 3, 64, 64)
+    logit, feature, _ = net(x)
+    assert feature.shape == (5, 131) == (5, net.feature_dim)
+    assert torch.allclose(feature[:, -3], logit)
+    assert torch.allclose(feature[:, -1], slab_enhancement(x[:, 0], -250.0, 450.0))
+    study = StudyNet(131, hidden=8, inputs="scores", enhancement=True).eval()
+    seq = torch.randn(1, 12, 131)
+    seq[..., -1] = 300.0
+    base = study(seq)[0]
+    ends = seq.clone()
+    ends[0, [0, 1, 2, 9, 10, 11], -1] = 600.0  # outside the middle half (slabs 3 to 8): no pulmonary arteries
+    ends[0, :, :-3] = torch.randn(12, 128)  # nor do the pooled features count
+    assert torch.equal(study(ends)[0], base)
+    grey = seq.clone()
+    grey[0, 3:9, -1] = 200.0
+    assert not torch.allclose(study(grey)[0], base)
+    padded = torch.zeros(2, 12, 131)
+    padded[0], padded[1, :7] = seq[0], grey[0, :7]
+    both = study(padded, torch.tensor([12, 7]))[0]
+    assert torch.allclose(both, torch.cat([base, study(grey[:, :7])[0]]), atol=1e-5)
+    with pytest.raises(ConfigError, match="stage1.enhancement"):
+        load_train_config(None, ["stage1.enhancement=true", "stage1.feature_scores=true"])
 
 
 def test_stage1_loss_falls_on_a_fixed_batch_and_stays_finite():

@@ -80,6 +80,10 @@ class Stage1Settings(_Section):
     crop: int | None = Field(default=None, ge=32)
     crop_batch: int = Field(default=48, ge=2)
     feature_scores: bool = False  # append the slice logit and CAM peak to the feature stage 2 reads
+    # Append the slab's arterial enhancement (training/models.py, slab_enhancement: a percentile of the
+    # PE window's bright pixels, in HU, computed in the graph from the input itself) after the scores;
+    # stage 2 reads its study mean beside the scores. No parameter, and not in the stage-1 loss.
+    enhancement: bool = False
     grad_clip: float = Field(default=5.0, gt=0)
     # "flip-shift": left-right flips and shifts only (the first recipe); "full": HU scale/offset,
     # window jitter, gamma, noise, blur/sharpen, rotation, scale, shift, flip (training/augment.py).
@@ -157,6 +161,14 @@ class TrainConfig(_Section):
         if self.stage2.rnn == "convlstm" and (self.stage1.spatial_channels < 1 or not self.stage1.feature_scores):
             raise ValueError("stage2.rnn=convlstm reads stage 1's spatial maps and scores: set "
                              "stage1.spatial_channels >= 1 and stage1.feature_scores=true")
+        return self
+
+    @model_validator(mode="after")
+    def _enhancement_goes_with_the_scores(self) -> TrainConfig:
+        if self.stage1.enhancement and (not self.stage1.feature_scores or self.stage2.inputs != "scores"
+                                        or self.stage2.rnn == "convlstm"):
+            raise ValueError("stage1.enhancement is read by a gru/lstm stage 2 beside the slice scores: set "
+                             "stage1.feature_scores=true and stage2.inputs=scores")
         return self
 
     @model_validator(mode="after")

@@ -88,13 +88,21 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
     return SliceNet(depth=s.depth, width=s.width, in_channels=cfg.preprocess.spec().channels,
                     output_stride=s.output_stride, pooling=s.pooling, lse_r=s.lse_r,
                     feature_scores=s.feature_scores, spatial_channels=s.spatial_channels,
-                    spatial_grid=s.spatial_grid)
+                    spatial_grid=s.spatial_grid, enhancement_window=enhancement_window(cfg))
+
+
+def enhancement_window(cfg: TrainConfig) -> tuple[float, float] | None:
+    """(low, top) HU of the PE window (input channel 0) when stage 1 measures the enhancement, else None."""
+    if not cfg.stage1.enhancement:
+        return None
+    centre, width = cfg.preprocess.windows[0]
+    return float(centre) - float(width) / 2.0, float(centre) + float(width) / 2.0
 
 
 def build_stage2(cfg: TrainConfig, feature_dim: int) -> torch.nn.Module:
     s = cfg.stage2
     return build_study_net(feature_dim, s.rnn, s.hidden, s.layers, s.dropout, s.inputs,
-                           cfg.stage1.spatial_channels, cfg.stage1.spatial_grid)
+                           cfg.stage1.spatial_channels, cfg.stage1.spatial_grid, cfg.stage1.enhancement)
 
 
 def initial_state(cfg: TrainConfig, path: Path, model: SliceNet) -> dict[str, torch.Tensor]:
@@ -474,6 +482,8 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
                     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
                     scale = torch.exp(s.feature_scale * torch.randn(x.shape[0], 1, x.shape[2], generator=g))
                     noise = s.feature_noise * spread * torch.randn(x.shape, generator=g)
+                    if cfg.stage1.enhancement:  # a calibrated HU figure, not an activation: left as measured
+                        scale[..., -1], noise[..., -1] = 1.0, 0.0
                     x = x * scale.to(device) + noise.to(device)
                 study_logit, slice_logits = net(x, lengths)
                 loss = slice_loss(study_logit, y)

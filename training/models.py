@@ -14,7 +14,10 @@ Either way the CAM is a plain forward computation that exports to ONNX. The feat
 stage 2 is the average-pooled feature map next to the feature map pooled with the CAM's spatial
 softmax as weights (what the network looked at); with ``feature_scores`` the slice logit and the CAM's
 peak follow, and stage 2 may read those two alone (``inputs="scores"``): a sequence model over the
-slices' verdicts cannot learn the scanner from 512 feature dimensions.
+slices' verdicts cannot learn the scanner from 512 feature dimensions. With ``enhancement`` the slab's
+arterial enhancement in HU follows (``slab_enhancement``, computed from the input bytes with no
+weights), and stage 2 reads its study mean beside the scores (``study_enhancement``): the same slab
+score means less in a study whose arteries are all grey.
 """
 
 from __future__ import annotations
@@ -47,14 +50,60 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
+#: Pixels of the PE window between this and the window's top count as enhanced blood (slab_enhancement).
+ENHANCEMENT_FLOOR_HU = 120.0
+#: Stage 2 reads the study's enhancement as (HU - centre) / scale: about -1.5 to +1.6 on the varied family.
+ENHANCEMENT_CENTRE_HU, ENHANCEMENT_SCALE_HU = 350.0, 50.0
+
+
+def slab_enhancement(pe_window: torch.Tensor, low_hu: float, top_hu: float, quantile: float = 0.9,
+                     central: float = 0.6) -> torch.Tensor:
+    """(B, S, S) PE-window input in 0-1 -> (B,) the slab's arterial enhancement in HU.
+
+    The pixel ranked at (1 - quantile) from the top among the central ``central`` of the field's pixels
+    that lie above ENHANCEMENT_FLOOR_HU and below the window's top (a saturated pixel says only "at
+    least the top"); ENHANCEMENT_FLOOR_HU where there are none. Sort and gather only, so that the exported
+    graph computes it from the same bytes as training does from its cache.
+    """
+    size = int(pe_window.shape[-1])  # fixed by the preprocessing spec
+    a = round(size * (1.0 - central) / 2.0)
+    values = pe_window[:, a:size - a, a:size - a].flatten(1).float()
+    floor = (ENHANCEMENT_FLOOR_HU - low_hu) / (top_hu - low_hu)
+    inside = (values > floor) & (values < 1.0 - 0.5 / 255.0)
+    ordered, _ = torch.sort(torch.where(inside, values, torch.full_like(values, -1.0)), dim=1, descending=True)
+    count = inside.sum(dim=1)
+    rank = torch.floor((1.0 - quantile) * count.float()).long()
+    hu = low_hu + ordered.gather(1, rank[:, None])[:, 0] * (top_hu - low_hu)
+    return torch.where(count > 0, hu, torch.full_like(hu, ENHANCEMENT_FLOOR_HU))
+
+
+def study_enhancement(slab_hu: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) slab enhancements in HU and (B, T) validity -> (B,) the mean over each study's middle half.
+
+    The middle half of the slabs (head first) holds the pulmonary arteries; apex and base hold few."""
+    ones = valid.to(slab_hu.dtype)
+    n = valid.sum(dim=1)
+    index = torch.cumsum(torch.ones_like(slab_hu), dim=1) - 1.0  # slab positions, traceable for any T
+    first = torch.div(n, 4, rounding_mode="floor")
+    last = torch.maximum(first + 1, torch.div(3 * n, 4, rounding_mode="floor"))
+    middle = (index >= first[:, None].to(index.dtype)) & (index < last[:, None].to(index.dtype))
+    weights = ones * middle.to(ones.dtype)
+    return (slab_hu * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 class SliceNet(nn.Module):
     """ResNet-18/34 (plain torch) returning slice logit, pooled feature and CAM."""
 
     def __init__(self, depth: int = 18, width: int = 64, in_channels: int = 3, output_stride: int = 16,
                  pooling: str = "lse", lse_r: float = 1.0, feature_scores: bool = False, spatial_channels: int = 0,
-                 spatial_grid: int = 6):
+                 spatial_grid: int = 6, enhancement_window: tuple[float, float] | None = None):
         super().__init__()
         self.feature_scores = feature_scores
+        if enhancement_window is not None and enhancement_window[1] <= ENHANCEMENT_FLOOR_HU:
+            raise ValueError(f"the PE window {enhancement_window} HU ends below {ENHANCEMENT_FLOOR_HU} HU: "
+                             "no enhanced blood to measure")
+        #: (low, top) HU of input channel 0 (the PE window); None: no enhancement feature
+        self.enhancement_window = enhancement_window
         self.spatial_channels, self.spatial_grid = spatial_channels, spatial_grid
         if pooling not in ("avg", "lse"):
             raise ValueError(f"pooling {pooling!r} is not avg or lse")
@@ -74,7 +123,8 @@ class SliceNet(nn.Module):
         self.fc = nn.Linear(cin, 1)
         if spatial_channels > 1 and cin % (spatial_channels - 1):
             raise ValueError(f"spatial_channels - 1 = {spatial_channels - 1} does not divide {cin} feature channels")
-        self.feature_dim = 2 * cin + spatial_channels * spatial_grid**2 + (2 if feature_scores else 0)
+        self.feature_dim = (2 * cin + spatial_channels * spatial_grid**2 + (2 if feature_scores else 0)
+                            + (1 if enhancement_window is not None else 0))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -103,29 +153,35 @@ class SliceNet(nn.Module):
             parts.append(grid.flatten(1))
         if self.feature_scores:  # the slice's own verdict, last: its logit and its CAM's peak
             parts += [logit[:, None], flat.amax(dim=1, keepdim=True)]
+        if self.enhancement_window is not None:  # last of all: the slab's arterial enhancement in HU
+            low, top = self.enhancement_window
+            parts.append(slab_enhancement(x[:, 0], low, top)[:, None].to(logit.dtype))
         feature = torch.cat(parts, dim=1)
         return logit, feature, cam
 
 
 def build_study_net(feature_dim: int, rnn: str, hidden: int, layers: int = 1, dropout: float = 0.2,
-                    inputs: str = "all", spatial_channels: int = 0, spatial_grid: int = 6) -> nn.Module:
+                    inputs: str = "all", spatial_channels: int = 0, spatial_grid: int = 6,
+                    enhancement: bool = False) -> nn.Module:
     """Stage 2 as configured: the bidirectional GRU/LSTM (``StudyNet``) or the ConvLSTM."""
     if rnn == "convlstm":
         return ConvLSTMStudyNet(feature_dim, spatial_channels, spatial_grid, hidden, dropout)
-    return StudyNet(feature_dim, hidden, layers, rnn, dropout, inputs)
+    return StudyNet(feature_dim, hidden, layers, rnn, dropout, inputs, enhancement)
 
 
 class StudyNet(nn.Module):
     """Bidirectional GRU/LSTM over the stage-1 features of a study's slices (head first)."""
 
     def __init__(self, feature_dim: int, hidden: int = 64, layers: int = 1, rnn: str = "gru",
-                 dropout: float = 0.2, inputs: str = "all"):
+                 dropout: float = 0.2, inputs: str = "all", enhancement: bool = False):
         super().__init__()
         if inputs not in ("all", "scores"):
             raise ValueError(f"inputs {inputs!r} is not all or scores")
-        self.inputs = inputs
+        if enhancement and inputs != "scores":
+            raise ValueError("enhancement is read beside the slice scores: inputs must be 'scores'")
+        self.inputs, self.enhancement = inputs, enhancement
         if inputs == "scores":  # only the slice scores a feature_scores SliceNet appends to its feature
-            feature_dim = 2
+            feature_dim = 3 if enhancement else 2  # and, last, the study's enhancement on every slab
         self.norm = nn.LayerNorm(feature_dim) if inputs == "all" else nn.Identity()
         self.drop = nn.Dropout(dropout)
         cls = nn.GRU if rnn == "gru" else nn.LSTM
@@ -137,18 +193,23 @@ class StudyNet(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, F), lengths (B,) or None (all T valid) -> study logit (B,), slice logits (B, T)."""
-        if self.inputs == "scores":
+        t = features.shape[1]
+        if lengths is None:
+            valid = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        else:
+            valid = torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None]
+        if self.enhancement:  # the scores, then the study's enhancement (scaled) beside them on every slab
+            study = (study_enhancement(features[..., -1], valid) - ENHANCEMENT_CENTRE_HU) / ENHANCEMENT_SCALE_HU
+            features = torch.cat([features[..., -3:-1], study[:, None, None].expand(-1, t, 1)], dim=2)
+        elif self.inputs == "scores":
             features = features[..., -2:]
         x = self.drop(self.norm(features))
-        t = x.shape[1]
         if lengths is None:
             out, _ = self.rnn(x)
-            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, _ = self.rnn(packed)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
-            valid = torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]
         slice_logits = self.slice_head(out)[..., 0]
         study_logit = self.study_head(pool_slices(out, valid))[:, 0]
         return study_logit, slice_logits
