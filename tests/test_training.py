@@ -202,6 +202,9 @@ def test_a_slice_net_with_enhancement_appends_it_last_and_the_study_net_reads_th
     assert torch.allclose(both, torch.cat([base, study(grey[:, :7])[0]]), atol=1e-5)
     with pytest.raises(ConfigError, match="stage1.enhancement"):
         load_train_config(None, ["stage1.enhancement=true", "stage1.feature_scores=true"])
+    with pytest.raises(ConfigError, match="ends at 100 HU"):
+        load_train_config(None, ["stage1.enhancement=true", "stage1.feature_scores=true", "stage2.inputs=scores",
+                                 "preprocess.windows=[[-300, 800], [40, 400], [-600, 1500]]"])
 
 
 def test_stage1_loss_falls_on_a_fixed_batch_and_stays_finite():

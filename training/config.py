@@ -54,6 +54,10 @@ class PreprocessSettings(_Section):
         return windows + [windows[0]] * (2 * self.context)
 
 
+#: PE-window pixels above this count as enhanced blood for stage1.enhancement (training/models.py).
+ENHANCEMENT_FLOOR_HU = 120.0
+
+
 class Stage1Settings(_Section):
     depth: Literal[18, 34] = 18
     width: int = Field(default=64, ge=8, le=128)  # channels of the first stage (64 = standard ResNet)
@@ -169,6 +173,12 @@ class TrainConfig(_Section):
                                         or self.stage2.rnn == "convlstm"):
             raise ValueError("stage1.enhancement is read by a gru/lstm stage 2 beside the slice scores: set "
                              "stage1.feature_scores=true and stage2.inputs=scores")
+        if self.stage1.enhancement:
+            centre, width = self.preprocess.windows[0]
+            top = centre + width / 2
+            if top <= ENHANCEMENT_FLOOR_HU:
+                raise ValueError(f"stage1.enhancement measures blood above {ENHANCEMENT_FLOOR_HU:g} HU in the first "
+                                 f"window; preprocess.windows[0] ({centre:g}, {width:g}) ends at {top:g} HU")
         return self
 
     @model_validator(mode="after")

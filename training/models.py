@@ -29,6 +29,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from training.config import ENHANCEMENT_FLOOR_HU
+
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -50,8 +52,6 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
-#: Pixels of the PE window between this and the window's top count as enhanced blood (slab_enhancement).
-ENHANCEMENT_FLOOR_HU = 120.0
 #: Stage 2 reads the study's enhancement as (HU - centre) / scale: about -1.5 to +1.6 on the varied family.
 ENHANCEMENT_CENTRE_HU, ENHANCEMENT_SCALE_HU = 350.0, 50.0
 
