@@ -48,6 +48,11 @@ class PreprocessSettings(_Section):
         return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm,
                               slab_mm=self.slab_mm, context=self.context)
 
+    def pe_window_hu(self) -> tuple[float, float]:
+        """(low, top) HU of the first window, the PE window that input channel 0 holds."""
+        centre, width = (float(v) for v in self.windows[0])
+        return centre - width / 2.0, centre + width / 2.0
+
     def channel_windows(self) -> list[tuple[float, float]]:
         """(centre, width) of every input channel, the context channels included."""
         windows = [(float(c), float(w)) for c, w in self.windows]
@@ -175,7 +180,7 @@ class TrainConfig(_Section):
                              "stage1.feature_scores=true and stage2.inputs=scores")
         if self.stage1.enhancement:
             centre, width = self.preprocess.windows[0]
-            top = centre + width / 2
+            top = self.preprocess.pe_window_hu()[1]
             if top <= ENHANCEMENT_FLOOR_HU:
                 raise ValueError(f"stage1.enhancement measures blood above {ENHANCEMENT_FLOOR_HU:g} HU in the first "
                                  f"window; preprocess.windows[0] ({centre:g}, {width:g}) ends at {top:g} HU")

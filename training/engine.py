@@ -93,10 +93,7 @@ def build_slice_net(cfg: TrainConfig) -> SliceNet:
 
 def enhancement_window(cfg: TrainConfig) -> tuple[float, float] | None:
     """(low, top) HU of the PE window (input channel 0) when stage 1 measures the enhancement, else None."""
-    if not cfg.stage1.enhancement:
-        return None
-    centre, width = cfg.preprocess.windows[0]
-    return float(centre) - float(width) / 2.0, float(centre) + float(width) / 2.0
+    return cfg.preprocess.pe_window_hu() if cfg.stage1.enhancement else None
 
 
 def build_stage2(cfg: TrainConfig, feature_dim: int) -> torch.nn.Module:
