@@ -6,7 +6,7 @@ node and training both compute from the same input. This reads a slab cache's fi
 PE window (its centre and width from the cache's own layout.json: 0..255 -> the window's ends),
 keeps the central 60 % of the field and the middle half of each study's slabs (where the pulmonary
 arteries are), and ranks candidate study statistics against the phantom's drawn arterial lumen HU
-(phantom.json ``artery_hu``):
+(phantom.json ``artery_hu``), the last of them the one ``stage1.enhancement`` computes (training/models.py):
 
     .venv/bin/python scripts/bolus_from_input.py --cache data/varied/.cache/8e78324b57e4c310 \\
         --phantom data/varied/phantom.json --splits runs/v16/splits.json
@@ -19,9 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 from training.data import open_cache
+from training.models import slab_enhancement, study_enhancement
 
 
 def study_statistics(slabs: np.ndarray, low: float, top: float) -> dict[str, float]:
@@ -33,6 +35,10 @@ def study_statistics(slabs: np.ndarray, low: float, top: float) -> dict[str, flo
     out = {f"p{q} of 120-{top - 1:.0f} HU": float(np.percentile(bright, q)) if bright.size else 0.0
            for q in (50, 75, 90, 99)}
     out["fraction at the window's top"] = float((hu >= top - 1).mean())
+    # what stage1.enhancement computes in the exported graph, per slab, and stage 2 averages
+    per_slab = slab_enhancement(torch.from_numpy(slabs.astype(np.float32) / 255.0), low, top)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    out["stage1.enhancement (graph)"] = float(study_enhancement(per_slab[None], valid)[0])
     return out
 
 
