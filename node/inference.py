@@ -26,7 +26,16 @@ import numpy as np
 
 from node.bundle import Bundle, ModelFile, load_bundle
 from node.errors import NodeError
-from node.preprocess import add_context, average_slabs, input_to_pixel, preprocess, slab_size, to_float
+from node.preprocess import (
+    add_context,
+    average_slabs,
+    input_to_pixel,
+    slab_size,
+    study_bolus_hu,
+    to_float,
+    to_grid,
+    window,
+)
 from node.series import SeriesIndex, iter_hu
 
 log = logging.getLogger(__name__)
@@ -204,13 +213,24 @@ class Engine:
         logits = np.zeros(m_slabs, dtype=np.float32)
         state: dict[str, np.ndarray] = {}
         inputs: list[np.ndarray] = []  # uint8 model input of every slab (110 kB each at 192 px)
+        grids: list[np.ndarray] = []  # or, to normalise the bolus, float HU on the input grid (147 kB each)
+        whole_study = self.spec.context or self.spec.bolus_reference_hu is not None
+        bolus_hu = None
         for lo, hu in iter_hu(index, self.batch * k):
-            inputs.append(preprocess(average_slabs(hu, k), self.spec, index.pixel_spacing_mm))
-            if not self.spec.context:  # no neighbours needed: run each chunk as it is read
+            grid = to_grid(average_slabs(hu, k), self.spec, index.pixel_spacing_mm)
+            if self.spec.bolus_reference_hu is not None:  # windowed once the whole study's bolus is known
+                grids.append(grid)
+            else:
+                inputs.append(window(grid, self.spec))
+            if not whole_study:  # no neighbours and no study statistic needed: run each chunk as it is read
                 self._run_chunk(inputs.pop(), lo // k, logits, state)
             if progress:
                 progress(lo + len(hu), n)
-        if self.spec.context:
+        if grids:
+            study_grid = np.concatenate(grids)
+            bolus_hu = study_bolus_hu(study_grid)
+            inputs = [window(study_grid, self.spec, bolus_hu)]
+        if whole_study:
             study_input = add_context(np.concatenate(inputs), self.spec.context)
             for j in range(0, m_slabs, self.batch):
                 self._run_chunk(study_input[j:j + self.batch], j, logits, state)
@@ -233,7 +253,8 @@ class Engine:
             index.study_instance_uid, index.series_instance_uid, probability, probability >= op.threshold,
             op.threshold, op.name, index.sop_instance_uids, slab_probs[per_slice],
             sigmoid(logits[per_slice]).astype(np.float32), cams[per_slice], keys,
-            model=self.describe() | {"slab_slices": k}, seconds=time.perf_counter() - start)
+            model=self.describe() | {"slab_slices": k} | ({} if bolus_hu is None else {"bolus_hu": round(bolus_hu, 1)}),
+            seconds=time.perf_counter() - start)
 
     def _run_chunk(self, images: np.ndarray, j: int, logits: np.ndarray, state: dict[str, np.ndarray]) -> None:
         """Stage 1 on slabs j, j + 1, ...: their logits, features and CAMs into the study's arrays."""

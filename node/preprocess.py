@@ -4,6 +4,12 @@ HU slices are centre-cropped (or padded with air) to a square field of ``field_m
 set, then resampled to ``size`` x ``size`` with an area (box) filter and become ``len(windows)``
 channels, each the slice seen through one display window scaled to 0-255. The spec is a plain value that
 travels in the model bundle, so the node preprocesses exactly as the model was trained.
+
+With ``bolus_reference_hu`` set, the study's contrast bolus is normalised first, as a reader re-windows a
+weakly or strongly enhanced CTPA: the study's arterial enhancement is measured on its own slabs
+(:func:`study_bolus_hu`) and every HU above ``BOLUS_PIVOT_HU`` (enhanced blood) is rescaled so that it
+reads ``bolus_reference_hu``; soft tissue, clot, fat and lung stay where they are. The statistic needs
+the whole study, so :func:`to_grid` and :func:`window` are the two halves of :func:`preprocess`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class PreprocessSpec:
     context: int = 0
     resample: str = "area"
     version: int = 1
+    #: HU the study's measured arterial enhancement is brought to before windowing; None: no normalisation.
+    bolus_reference_hu: float | None = None
 
     def __post_init__(self) -> None:
         if not self.windows or any(w <= 0 for _, w in self.windows):
@@ -49,6 +57,9 @@ class PreprocessSpec:
             raise PreprocessError(f"slab_mm {self.slab_mm} is outside 0.5-20")
         if not 0 <= self.context <= 3:
             raise PreprocessError(f"context {self.context} is outside 0-3 neighbouring slabs per side")
+        if self.bolus_reference_hu is not None and not BOLUS_FLOOR_HU < self.bolus_reference_hu <= BOLUS_CAP_HU:
+            raise PreprocessError(f"bolus_reference_hu {self.bolus_reference_hu} is outside "
+                                  f"{BOLUS_FLOOR_HU:g}-{BOLUS_CAP_HU:g} HU")
         if self.resample != "area" or self.version != 1:
             raise PreprocessError(f"unknown preprocessing (resample={self.resample!r}, version={self.version})")
 
@@ -63,20 +74,55 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["windows"] = [list(w) for w in self.windows]
-        if not self.context:  # specs without context keep the form that bundles and caches already hold
+        # specs without these keep the form that bundles and caches already hold (and their cache keys)
+        if not self.context:
             del d["context"]
+        if self.bolus_reference_hu is None:
+            del d["bolus_reference_hu"]
         return d
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessSpec:
         try:
-            field, slab = data.get("field_mm"), data.get("slab_mm")
+            field, slab, bolus = data.get("field_mm"), data.get("slab_mm"), data.get("bolus_reference_hu")
             return cls(windows=tuple((float(c), float(w)) for c, w in data["windows"]), size=int(data["size"]),
                        field_mm=None if field is None else float(field), slab_mm=None if slab is None else float(slab),
                        context=int(data.get("context", 0)), resample=str(data.get("resample", "area")),
-                       version=int(data.get("version", 1)))
+                       version=int(data.get("version", 1)),
+                       bolus_reference_hu=None if bolus is None else float(bolus))
         except (KeyError, TypeError, ValueError) as exc:
             raise PreprocessError(f"not a preprocessing spec: {data!r}") from exc
+
+
+#: Enhanced blood is what lies above this (HU): soft tissue, clot, fat and lung are never rescaled.
+BOLUS_PIVOT_HU = 80.0
+#: The study statistic: among the pixels between these (HU) in the central 60 % of the field and the
+#: middle half of the slabs, the 75th percentile. On 80 studies of the varied training split it
+#: rank-correlates with the drawn arterial lumen HU at +0.95 and reads 0.99-1.04 of it (interquartile);
+#: the cap leaves cortical bone and metal out, the floor soft tissue.
+BOLUS_FLOOR_HU, BOLUS_CAP_HU, BOLUS_PERCENTILE = 120.0, 1000.0, 75.0
+#: The rescaling factor's bounds: a study whose statistic is off (no contrast, a metal-heavy chest) is
+#: changed at most this much.
+BOLUS_FACTOR = (0.5, 3.0)
+
+
+def study_bolus_hu(grid: np.ndarray) -> float | None:
+    """A study's arterial enhancement in HU from its slabs on the input grid (N, S, S) float HU.
+
+    None when no pixel lies in the enhanced range (a study without contrast): it is left as it is."""
+    n, size = grid.shape[0], grid.shape[-1]
+    lo, hi = int(size * 0.2), int(size * 0.8)
+    middle = grid[n // 4:max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi]
+    blood = middle[(middle > BOLUS_FLOOR_HU) & (middle < BOLUS_CAP_HU)]
+    return float(np.percentile(blood, BOLUS_PERCENTILE)) if blood.size else None
+
+
+def bolus_factor(bolus_hu: float | None, spec: PreprocessSpec) -> float:
+    """How much the enhancement above the pivot is scaled so that ``bolus_hu`` reads the reference."""
+    if spec.bolus_reference_hu is None or bolus_hu is None:
+        return 1.0
+    raw = (spec.bolus_reference_hu - BOLUS_PIVOT_HU) / max(bolus_hu - BOLUS_PIVOT_HU, 1.0)
+    return float(np.clip(raw, *BOLUS_FACTOR))
 
 
 @lru_cache(maxsize=16)
@@ -122,23 +168,43 @@ def input_pixel_mm(shape: tuple[int, int], pixel_mm: tuple[float, float], spec: 
     return extent / spec.size
 
 
-def preprocess(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
-    """HU slices (N, H, W) to model input (N, windows, size, size) uint8, one channel per window.
+def to_grid(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
+    """HU slices (N, H, W) to float32 HU on the input grid (N, size, size): the field crop and the resize.
 
-    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view. A spec with
-    context needs the neighbours' channels added for the whole series after this (add_context).
-    """
+    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view."""
     if hu.ndim != 3:
         raise PreprocessError(f"expected slices as (N, H, W), got shape {hu.shape}")
     if spec.field_mm is not None:
         if pixel_mm is None:
             raise PreprocessError("this preprocessing crops to a field of view: pass the pixel spacing")
         hu = crop_to_field(hu, pixel_mm, spec.field_mm)
-    small = resize(hu.astype(np.float32), spec.size)
-    out = np.empty((hu.shape[0], len(spec.windows), spec.size, spec.size), dtype=np.uint8)
+    return resize(hu.astype(np.float32), spec.size)
+
+
+def window(grid: np.ndarray, spec: PreprocessSpec, bolus_hu: float | None = None) -> np.ndarray:
+    """HU on the input grid (N, size, size) to model input (N, windows, size, size) uint8.
+
+    A spec with ``bolus_reference_hu`` needs the study's ``bolus_hu`` (:func:`study_bolus_hu` over all
+    of its slabs); the HU above the pivot are rescaled by :func:`bolus_factor` before the windows."""
+    if spec.bolus_reference_hu is not None:
+        factor = bolus_factor(bolus_hu, spec)
+        if factor != 1.0:
+            grid = np.where(grid > BOLUS_PIVOT_HU, BOLUS_PIVOT_HU + (grid - BOLUS_PIVOT_HU) * factor, grid)
+    out = np.empty((grid.shape[0], len(spec.windows), spec.size, spec.size), dtype=np.uint8)
     for c, (center, width) in enumerate(spec.windows):
-        out[:, c] = np.rint(np.clip((small - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0)
+        out[:, c] = np.rint(np.clip((grid - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0)
     return out
+
+
+def preprocess(hu: np.ndarray, spec: PreprocessSpec, pixel_mm: tuple[float, float] | None = None,
+               bolus_hu: float | None = None) -> np.ndarray:
+    """HU slices (N, H, W) to model input (N, windows, size, size) uint8, one channel per window.
+
+    ``pixel_mm`` (row, column spacing) is needed when the spec crops to a field of view; ``bolus_hu``
+    when it normalises the bolus (the whole study's :func:`study_bolus_hu`, not this chunk's). A spec
+    with context needs the neighbours' channels added for the whole series after this (add_context).
+    """
+    return window(to_grid(hu, spec, pixel_mm), spec, bolus_hu)
 
 
 def context_offsets(context: int) -> list[int]:

@@ -19,7 +19,7 @@ from node.bundle import MANIFEST, BundleError, load_bundle, sha256_of
 from node.cli import main as petriage
 from node.inference import Engine, InferenceError, pick_key_slices
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
-from node.preprocess import PreprocessSpec, add_context, input_to_pixel, preprocess, to_float
+from node.preprocess import PreprocessSpec, add_context, input_to_pixel, study_bolus_hu, to_float, to_grid, window
 from node.selection import choose_ctpa
 from node.series import SeriesError, index_series, read_volume
 from onnx_export import ExportError
@@ -30,6 +30,13 @@ from training.engine import load_slice_net, load_study_net
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PhantomOptions(matrix=96, slices=24, slice_spacing_mm=12.0)
+
+
+def study_input(slabs: np.ndarray, spec: PreprocessSpec, pixel_mm) -> np.ndarray:
+    """A whole study's model input, written out from the spec: the grid, the bolus measured on all of it,
+    the windows, the neighbours (the engine reads the series in chunks and must give the same)."""
+    grid = to_grid(slabs, spec, pixel_mm)
+    return add_context(window(grid, spec, study_bolus_hu(grid)), spec.context)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,7 @@ def trained_run(tmp_path_factory) -> Path:
     run = root / "run"
     overrides = [f"data.root={data}", f"data.train_extra=[{extra}]",
                  "data.val_fraction=0.34", "data.test_fraction=0.34", "preprocess.size=64",
-                 "preprocess.slab_mm=12", "preprocess.context=1",
+                 "preprocess.slab_mm=12", "preprocess.context=1", "preprocess.bolus_reference_hu=350",
                  "stage1.width=8", "stage1.epochs=1", "stage1.steps_per_epoch=4", "stage1.batch_size=8",
                  "stage1.feature_scores=true", "stage1.enhancement=true", "stage2.inputs=scores",
                  "stage2.epochs=2", "eval.bootstrap=100", "eval.overlay_examples=2"]
@@ -89,7 +96,7 @@ def test_export_writes_checked_onnx_files_with_symbolic_batch_and_length_and_a_m
     assert manifest["parity"]["max_abs_study_probability_difference"] <= 1e-4
     op = manifest["operating_points"][0]
     assert 0 <= op["threshold"] <= 1 and op["name"] == manifest["default_operating_point"]
-    assert manifest["preprocess"]["size"] == 64
+    assert manifest["preprocess"]["size"] == 64 and manifest["preprocess"]["bolus_reference_hu"] == 350
     assert manifest["training"]["stage1"]["enhancement"] is True  # the recipe's stage 2 input, in the graph
 
 
@@ -102,7 +109,7 @@ def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(traine
     slice_net, _ = load_slice_net(trained_run / "stage1.pt", torch.device("cpu"))
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
-        x = torch.from_numpy(to_float(add_context(preprocess(volume.hu, spec, volume.pixel_spacing_mm), spec.context)))
+        x = torch.from_numpy(to_float(study_input(volume.hu, spec, volume.pixel_spacing_mm)))
         logit, feats, cams = slice_net(x)
         study_logit, slice_logits = study_net(feats[None])
     assert abs(result.probability - torch.sigmoid(study_logit[0]).item()) <= 1e-4
@@ -110,6 +117,8 @@ def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(traine
     np.testing.assert_allclose(result.cams, cams.numpy(), atol=1e-3)
     assert result.sop_instance_uids == volume.sop_instance_uids
     assert len(result.key_slices) == 3 and result.model["stage1_precision"] == "fp32"
+    measured = study_bolus_hu(to_grid(volume.hu, spec, volume.pixel_spacing_mm))
+    assert measured is not None and result.model["bolus_hu"] == pytest.approx(measured, abs=0.05)
 
 
 def test_the_int8_and_fp16_variants_are_listed_with_their_measured_difference(bundle):
@@ -132,7 +141,7 @@ def test_thin_slices_are_averaged_into_slabs_of_the_training_spacing_before_the_
     study_net = load_study_net(trained_run / "stage2.pt", torch.device("cpu"))
     with torch.no_grad():
         spec = load_bundle(bundle).spec
-        x = torch.from_numpy(to_float(add_context(preprocess(slabs, spec, volume.pixel_spacing_mm), spec.context)))
+        x = torch.from_numpy(to_float(study_input(slabs, spec, volume.pixel_spacing_mm)))
         expected = torch.sigmoid(study_net(slice_net(x)[1][None])[0]).item()
     assert abs(result.probability - expected) <= 1e-4
 

@@ -19,6 +19,9 @@ from node.preprocess import (
     resize,
     resize_mask,
     slab_size,
+    study_bolus_hu,
+    to_grid,
+    window,
 )
 from node.series import SeriesError, read_volume
 
@@ -30,6 +33,54 @@ def test_spec_round_trips_through_a_plain_dict_and_rejects_nonsense():
         PreprocessSpec(windows=((40.0, 0.0),))
     with pytest.raises(PreprocessError):
         PreprocessSpec.from_dict({"size": 64})
+
+
+def _chest(artery_hu: float, slabs: int = 12, size: int = 96) -> np.ndarray:
+    """Slabs of a toy chest: soft tissue, a spine of cortical bone and marrow, an aorta and a pulmonary
+    artery at ``artery_hu`` (the aorta a little less), and a 55 HU clot in the artery."""
+    y, x = np.mgrid[:size, :size] - size / 2
+    hu = np.where((x**2 + y**2 < (0.45 * size) ** 2) & (np.abs(x) < 0.2 * size), 40.0, -850.0)  # mediastinum, lung
+    hu[(x**2 + (y - 0.3 * size) ** 2) < (0.08 * size) ** 2] = 1200.0  # cortical bone
+    hu[(x**2 + (y - 0.3 * size) ** 2) < (0.06 * size) ** 2] = 250.0  # marrow
+    hu[((x + 0.1 * size) ** 2 + y**2) < (0.1 * size) ** 2] = 0.9 * artery_hu  # aorta
+    artery = ((x - 0.1 * size) ** 2 + (y + 0.05 * size) ** 2) < (0.09 * size) ** 2
+    hu[artery] = artery_hu
+    hu[((x - 0.1 * size) ** 2 + (y + 0.05 * size) ** 2) < (0.03 * size) ** 2] = 55.0  # clot
+    return np.repeat(hu[None], slabs, axis=0)
+
+
+def test_the_bolus_statistic_reads_the_arterial_enhancement_and_ignores_bone_and_tissue():
+    for artery_hu in (180.0, 350.0, 600.0):
+        assert study_bolus_hu(_chest(artery_hu)) == pytest.approx(artery_hu, rel=0.1)
+    assert study_bolus_hu(np.full((4, 32, 32), 40.0)) is None  # no contrast: nothing to measure
+
+
+def test_a_weak_and_a_strong_bolus_look_alike_after_normalisation_and_the_clot_stays_dark():
+    spec = PreprocessSpec(size=96, bolus_reference_hu=350.0)
+    plain = PreprocessSpec(size=96)
+    weak, strong = _chest(190.0), _chest(560.0)
+    normalised = [window(g, spec, study_bolus_hu(g)).astype(int) for g in (weak, strong)]
+    as_drawn = [window(g, plain).astype(int) for g in (weak, strong)]
+    artery, clot = weak == 190.0, weak == 55.0  # (slabs, rows, columns) of the PE window, channel 0
+    pe = [n[:, 0] for n in normalised], [a[:, 0] for a in as_drawn]
+    assert abs(pe[1][0][artery] - pe[1][1][artery]).min() > 90  # grey against white as drawn
+    assert abs(pe[0][0][artery] - pe[0][1][artery]).max() <= 12  # both near the reference once normalised
+    assert pe[0][0][artery].min() - pe[0][0][clot].max() > 80  # the clot is still a defect
+    np.testing.assert_array_equal(normalised[0][:, 2], as_drawn[0][:, 2])  # lung window: the lung is untouched
+    tissue = weak < 80
+    np.testing.assert_array_equal(normalised[0][:, 0][tissue], as_drawn[0][:, 0][tissue])  # below the pivot: as drawn
+
+
+def test_the_bolus_is_measured_on_the_whole_study_and_the_spec_carries_its_reference():
+    spec = PreprocessSpec(size=32, bolus_reference_hu=350.0)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert "bolus_reference_hu" not in PreprocessSpec(size=32).to_dict()  # older bundles and caches keep their form
+    with pytest.raises(PreprocessError, match="bolus_reference_hu"):
+        PreprocessSpec(bolus_reference_hu=100.0)
+    hu = _chest(200.0, slabs=8, size=64)
+    grid = to_grid(hu, spec)
+    np.testing.assert_array_equal(preprocess(hu, spec, bolus_hu=study_bolus_hu(grid)),
+                                  window(grid, spec, study_bolus_hu(grid)))
 
 
 def test_area_resize_keeps_the_mean_and_maps_constant_images_to_themselves():

@@ -12,7 +12,7 @@ import torch
 
 from node.errors import ConfigError
 from node.phantom import PhantomOptions, generate_study, write_rsna_dataset, write_study
-from node.preprocess import PreprocessSpec, add_context, preprocess
+from node.preprocess import PreprocessSpec, add_context, preprocess, study_bolus_hu, to_grid, window
 from node.series import read_volume
 from training import TrainingError
 from training.cli import _prepare
@@ -64,6 +64,20 @@ def test_cache_holds_sorted_preprocessed_slices_and_masks_on_only_a_few_slices(t
     expected = preprocess(volume.hu, SPEC, volume.pixel_spacing_mm)
     np.testing.assert_array_equal(cache.images[entry["start"]:entry["start"] + entry["count"]], expected)
     assert build_cache(studies, SPEC, tmp_path).folder == cache.folder  # reused, not rebuilt
+
+
+def test_a_cache_that_normalises_the_bolus_windows_every_chunk_with_the_whole_study_measurement(tmp_path):
+    long = PhantomOptions(matrix=64, slices=150, slice_spacing_mm=2.0)  # 150 slabs: three chunks of the cache
+    write_rsna_dataset(tmp_path / "data", studies=1, positive_fraction=0.0, seed=8, options=long)
+    spec = PreprocessSpec(size=32, bolus_reference_hu=350.0)
+    [study] = read_rsna(tmp_path / "data")
+    cache = build_cache([study], spec, tmp_path / "cache")
+    volume = read_volume(study.files)
+    grid = to_grid(volume.hu, spec, volume.pixel_spacing_mm)
+    bolus_hu = study_bolus_hu(grid)
+    assert bolus_hu is not None
+    np.testing.assert_array_equal(cache.images[:150], window(grid, spec, bolus_hu))
+    assert not np.array_equal(cache.images[:150], window(grid, PreprocessSpec(size=32)))  # it did change the input
 
 
 def test_the_reader_refuses_a_dataset_with_missing_files(tiny_dataset, tmp_path):

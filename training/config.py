@@ -43,10 +43,14 @@ class PreprocessSettings(_Section):
     # Neighbouring slabs on each side as extra channels (PE window): the cache stays per slab, the
     # neighbours are stacked at batch time as the node stacks them (node.preprocess.add_context).
     context: int = Field(default=0, ge=0, le=3)
+    # Normalise each study's contrast bolus before the windows: the enhanced blood rescaled so that the
+    # study's measured arterial enhancement reads this many HU (node.preprocess.study_bolus_hu); unset: off.
+    bolus_reference_hu: float | None = Field(default=None, gt=120, le=1000)
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm,
-                              slab_mm=self.slab_mm, context=self.context)
+                              slab_mm=self.slab_mm, context=self.context,
+                              bolus_reference_hu=self.bolus_reference_hu)
 
     def pe_window_hu(self) -> tuple[float, float]:
         """(low, top) HU of the first window, the PE window that input channel 0 holds."""

@@ -32,6 +32,9 @@ from node.preprocess import (
     preprocess,
     resize_mask,
     slab_size,
+    study_bolus_hu,
+    to_grid,
+    window,
 )
 from node.series import index_series, read_volume
 from training import TrainingError
@@ -213,9 +216,18 @@ def _slab_volume(study: StudyRecord, spec: PreprocessSpec):
 
 
 def _preprocessed(hu: np.ndarray, spec: PreprocessSpec, pixel_mm):
-    """(first slab, model input) 64 slabs at a time: bounded memory for long series."""
-    for lo in range(0, len(hu), 64):
-        yield lo, preprocess(hu[lo:lo + 64], spec, pixel_mm)
+    """(first slab, model input) 64 slabs at a time: bounded memory for long series.
+
+    A spec that normalises the bolus measures it on the whole study's input grid first, as the node
+    does (node.inference), so every chunk is windowed with the study's number, not its own."""
+    if spec.bolus_reference_hu is None:
+        for lo in range(0, len(hu), 64):
+            yield lo, preprocess(hu[lo:lo + 64], spec, pixel_mm)
+        return
+    grid = np.concatenate([to_grid(hu[lo:lo + 64], spec, pixel_mm) for lo in range(0, len(hu), 64)])
+    bolus_hu = study_bolus_hu(grid)
+    for lo in range(0, len(grid), 64):
+        yield lo, window(grid[lo:lo + 64], spec, bolus_hu)
 
 
 def _fill(args: tuple[StudyRecord, int, int, str, str, dict, int]) -> dict:
