@@ -78,6 +78,9 @@ def test_a_cache_that_normalises_the_bolus_windows_every_chunk_with_the_whole_st
     assert bolus_hu is not None
     np.testing.assert_array_equal(cache.images[:150], window(grid, spec, bolus_hu))
     assert not np.array_equal(cache.images[:150], window(grid, PreprocessSpec(size=32)))  # it did change the input
+    assert load_train_config(None, ["preprocess.bolus_reference_hu=350"]).preprocess.spec().bolus_reference_hu == 350
+    with pytest.raises(ConfigError, match="bolus_reference_hu"):
+        load_train_config(None, ["preprocess.bolus_reference_hu=100"])  # soft tissue is no bolus to aim at
 
 
 def test_the_reader_refuses_a_dataset_with_missing_files(tiny_dataset, tmp_path):

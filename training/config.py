@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from node.config import apply_overrides, describe, read_yaml
 from node.errors import ConfigError
-from node.preprocess import PreprocessSpec
+from node.preprocess import BOLUS_CAP_HU, BOLUS_FLOOR_HU, PreprocessSpec
 
 
 class _Section(BaseModel):
@@ -45,7 +45,7 @@ class PreprocessSettings(_Section):
     context: int = Field(default=0, ge=0, le=3)
     # Normalise each study's contrast bolus before the windows: the enhanced blood rescaled so that the
     # study's measured arterial enhancement reads this many HU (node.preprocess.study_bolus_hu); unset: off.
-    bolus_reference_hu: float | None = Field(default=None, gt=120, le=1000)
+    bolus_reference_hu: float | None = Field(default=None, gt=BOLUS_FLOOR_HU, le=BOLUS_CAP_HU)
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec(windows=tuple(self.windows), size=self.size, field_mm=self.field_mm,
