@@ -1,12 +1,12 @@
 """The same slabs without and with the bolus normalised (docs/training-bolus-normalised.png).
 
-Reads one study each of the weakest, a middling and the strongest drawn bolus from two slab caches of the
-same studies, one built without and one with ``preprocess.bolus_reference_hu``, and shows the PE window of
+Reads one training-split study each of the weakest, a middling and the strongest drawn bolus from two slab
+caches of the same studies, one built without and one with ``preprocess.bolus_reference_hu``, and shows the PE window of
 the middle slab of each, with the drawn lumen HU (phantom.json), the one the node measures and the factor
 it applies:
 
     .venv/bin/python scripts/bolus_normalised_picture.py data/varied/.cache/8e78324b57e4c310 \\
-        data/varied/.cache/32382ee7f83272e1 --phantom data/varied/phantom.json
+        data/varied/.cache/32382ee7f83272e1 --phantom data/varied/phantom.json --splits runs/v19/splits.json
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ def main() -> int:
     ap.add_argument("plain", type=Path, help="slab cache built without the normalisation")
     ap.add_argument("normalised", type=Path, help="slab cache of the same studies built with it")
     ap.add_argument("--phantom", type=Path, required=True)
+    ap.add_argument("--splits", type=Path, required=True, help="a run's splits.json: its training split only")
     ap.add_argument("--out", type=Path, default=Path("docs/training-bolus-normalised.png"))
     a = ap.parse_args()
     plain, normalised = open_cache(a.plain), open_cache(a.normalised)
     spec = PreprocessSpec.from_dict(json.loads((a.normalised / "layout.json").read_text())["spec"])
     records = {r.study_instance_uid: r for r in read_datasets(a.phantom.parent)}
     drawn = {s["study_instance_uid"]: s for s in json.loads(a.phantom.read_text())["studies"]}
+    train = set(json.loads(a.splits.read_text())["train"]) & drawn.keys()
     by_hu = sorted((drawn[s["study_instance_uid"]]["artery_hu"], i) for i, s in enumerate(plain.studies)
-                   if s["study_instance_uid"] in drawn)
+                   if s["study_instance_uid"] in train)
     picks = [by_hu[0], by_hu[len(by_hu) // 2], by_hu[-1]]
     fig, ax = plt.subplots(2, 3, figsize=(12, 9.4))
     for col, (hu, i) in enumerate(picks):
