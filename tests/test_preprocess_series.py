@@ -71,7 +71,7 @@ def test_a_weak_and_a_strong_bolus_look_alike_after_normalisation_and_the_clot_s
     np.testing.assert_array_equal(normalised[0][:, 0][tissue], as_drawn[0][:, 0][tissue])  # below the pivot: as drawn
 
 
-def test_the_bolus_is_measured_on_the_whole_study_and_the_spec_carries_its_reference():
+def test_the_spec_carries_its_bolus_reference_and_preprocess_is_the_grid_then_the_windows():
     spec = PreprocessSpec(size=32, bolus_reference_hu=350.0)
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     assert "bolus_reference_hu" not in PreprocessSpec(size=32).to_dict()  # older bundles and caches keep their form
