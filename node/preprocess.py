@@ -106,13 +106,18 @@ BOLUS_FLOOR_HU, BOLUS_CAP_HU, BOLUS_PERCENTILE = 120.0, 1000.0, 75.0
 BOLUS_FACTOR = (0.5, 3.0)
 
 
+def bolus_region(slabs: np.ndarray) -> np.ndarray:
+    """Where a study's pulmonary arteries are: the middle half of its slabs (N, S, S), central 60 % of the field."""
+    n, size = slabs.shape[0], slabs.shape[-1]
+    lo, hi = int(size * 0.2), int(size * 0.8)
+    return slabs[n // 4:max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi]
+
+
 def study_bolus_hu(grid: np.ndarray) -> float | None:
     """A study's arterial enhancement in HU from its slabs on the input grid (N, S, S) float HU.
 
     None when no pixel lies in the enhanced range (a study without contrast): it is left as it is."""
-    n, size = grid.shape[0], grid.shape[-1]
-    lo, hi = int(size * 0.2), int(size * 0.8)
-    middle = grid[n // 4:max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi]
+    middle = bolus_region(grid)
     blood = middle[(middle > BOLUS_FLOOR_HU) & (middle < BOLUS_CAP_HU)]
     return float(np.percentile(blood, BOLUS_PERCENTILE)) if blood.size else None
 

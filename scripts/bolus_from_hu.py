@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from node.preprocess import PreprocessSpec, study_bolus_hu, to_grid
+from node.preprocess import PreprocessSpec, bolus_region, study_bolus_hu, to_grid
 from training.data import _slab_volume, read_datasets
 
 SPEC = PreprocessSpec(size=192, field_mm=288.0, slab_mm=3.0)  # the recipe's grid
@@ -28,9 +28,7 @@ SPEC = PreprocessSpec(size=192, field_mm=288.0, slab_mm=3.0)  # the recipe's gri
 def statistics(study) -> dict[str, float]:
     volume, _, hu = _slab_volume(study, SPEC)
     grid = to_grid(hu, SPEC, volume.pixel_spacing_mm)
-    n, size = len(grid), grid.shape[-1]
-    lo, hi = int(size * 0.2), int(size * 0.8)
-    middle = grid[n // 4:max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi]
+    middle = bolus_region(grid)
     out = {}
     for floor in (120, 150):
         for cap in (450, 700, 1000):

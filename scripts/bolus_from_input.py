@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from node.preprocess import bolus_region
 from training.data import open_cache
 from training.models import slab_enhancement, study_enhancement
 
 
 def study_statistics(slabs: np.ndarray, low: float, top: float) -> dict[str, float]:
     """(N, H, W) PE-window bytes of one study, the window's ends in HU -> candidate enhancement statistics."""
-    n, size = len(slabs), slabs.shape[-1]
-    lo, hi = int(size * 0.2), int(size * 0.8)
-    hu = low + slabs[n // 4: max(n // 4 + 1, 3 * n // 4), lo:hi, lo:hi].astype(np.float32) / 255 * (top - low)
+    n = len(slabs)
+    hu = low + bolus_region(slabs).astype(np.float32) / 255 * (top - low)
     bright = hu[(hu > 120) & (hu < top - 1)]
     out = {f"p{q} of 120-{top - 1:.0f} HU": float(np.percentile(bright, q)) if bright.size else 0.0
            for q in (50, 75, 90, 99)}

@@ -63,8 +63,9 @@ class PreprocessSettings(_Section):
         return windows + [windows[0]] * (2 * self.context)
 
 
-#: PE-window pixels above this count as enhanced blood for stage1.enhancement (training/models.py).
-ENHANCEMENT_FLOOR_HU = 120.0
+#: PE-window pixels above this count as enhanced blood for stage1.enhancement (training/models.py): the
+#: floor of the preprocessing's own bolus statistic, one definition.
+ENHANCEMENT_FLOOR_HU = BOLUS_FLOOR_HU
 
 
 class Stage1Settings(_Section):
