@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from node.config import apply_overrides, describe, read_yaml
 from node.errors import ConfigError
 from node.preprocess import BOLUS_CAP_HU, BOLUS_FLOOR_HU, PreprocessSpec
+from training.augment import AugmentRanges
+
+_WIDE = AugmentRanges()  # the intensity ranges every run up to the nineteenth trained with
 
 
 class _Section(BaseModel):
@@ -68,6 +71,30 @@ class PreprocessSettings(_Section):
 ENHANCEMENT_FLOOR_HU = BOLUS_FLOOR_HU
 
 
+class IntensitySettings(_Section):
+    """How far the "full" augmentation moves a slice's grey levels (training/augment.py, intensity).
+
+    The defaults are wide: a lumen of 150 HU may read 52 HU after the HU scale and offset alone, inside
+    the clots' drawn 0-90 HU. Narrower ranges keep what HU calibration guarantees on every scanner
+    (water near 0, a clot darker than any enhanced lumen) while the data itself varies the bolus."""
+
+    hu_scale: tuple[float, float] = _WIDE.hu_scale
+    hu_offset: tuple[float, float] = _WIDE.hu_offset  # HU
+    gamma: tuple[float, float] = _WIDE.gamma
+    window_jitter: float = Field(default=_WIDE.window_jitter, ge=0, le=0.5)  # of each window's width
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> IntensitySettings:
+        for name in ("hu_scale", "hu_offset", "gamma"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: the low end {low} is above the high end {high}")
+        for name in ("hu_scale", "gamma"):
+            if getattr(self, name)[0] <= 0:
+                raise ValueError(f"{name}: must stay above 0, got {getattr(self, name)[0]}")
+        return self
+
+
 class Stage1Settings(_Section):
     depth: Literal[18, 34] = 18
     width: int = Field(default=64, ge=8, le=128)  # channels of the first stage (64 = standard ResNet)
@@ -106,6 +133,8 @@ class Stage1Settings(_Section):
     # With "full": share of images whose contrast bolus is made weaker or stronger (enhanced blood
     # only; training/augment.py, bolus): weak-bolus negatives were bundle 0.3.0's hardest false positives.
     bolus_probability: float = Field(default=0.0, ge=0, le=1)
+    # With "full": the HU scale and offset, gamma and window jitter ranges (IntensitySettings above).
+    intensity: IntensitySettings = Field(default_factory=IntensitySettings)
     # Share of each batch's negatives taken from the highest-scoring negatives of a random pool,
     # re-scored every epoch from the second on (hard negatives: mimics such as veins, flow artefacts).
     hard_negatives: float = Field(default=0.0, ge=0, le=1)
