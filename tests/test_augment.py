@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from node.errors import ConfigError
 from training.augment import AugmentRanges, geometry, intensity
 
 WINDOWS = [(100.0, 700.0), (40.0, 400.0), (-600.0, 1500.0)]
@@ -77,3 +79,39 @@ def test_without_the_bolus_change_nothing_is_drawn_so_earlier_runs_draw_the_same
     assert rng.bit_generator.state == before
     bolus(x, WINDOWS, rng, AugmentRanges(bolus_probability=0.5))
     assert rng.bit_generator.state != before
+
+
+def _augmented_pe_window_hu(hu: float, settings, draws: int) -> np.ndarray:
+    """The HU that ``draws`` uniform slices of ``hu`` read in the PE window after the loader's augmentation."""
+    from training.loader import augment
+
+    images = np.rint(windowed(np.full((draws, 32, 32), hu)).numpy() * 255.0).astype(np.uint8)
+    x, _, _ = augment(settings, images, np.zeros((draws, 32, 32), np.uint8), np.zeros(draws, np.float32),
+                      np.zeros(draws, bool), np.random.default_rng(int(hu)), WINDOWS)
+    centre, width = WINDOWS[0]
+    return centre - width / 2.0 + x[:, 0, 8:24, 8:24].mean(dim=(1, 2)).numpy() * width
+
+
+def test_calibrated_intensity_ranges_keep_a_weak_lumen_brighter_than_a_clot_where_the_wide_ones_do_not():
+    from training.config import IntensitySettings, Stage1Settings
+
+    wide = Stage1Settings(augmentation="full")
+    calibrated = Stage1Settings(augmentation="full", intensity=IntensitySettings(
+        hu_scale=(0.9, 1.1), hu_offset=(-20.0, 20.0), gamma=(0.9, 1.1), window_jitter=0.02))
+    lumen, clot = 200.0, 45.0  # a weak bolus and a clot of the middle of the drawn range (node/phantom/styles.py)
+    in_order = {}
+    for name, settings in (("wide", wide), ("calibrated", calibrated)):
+        lumen_read = _augmented_pe_window_hu(lumen, settings, 300)
+        clot_read = _augmented_pe_window_hu(clot, settings, 300)
+        in_order[name] = float(np.mean(clot_read[:, None] < lumen_read[None, :]))  # every (clot, lumen) pair
+    assert in_order["calibrated"] == 1.0 and in_order["wide"] < 0.97, in_order
+
+
+def test_intensity_ranges_must_be_ordered_and_keep_scale_and_gamma_positive():
+    from training.config import load_train_config
+
+    for bad in ("stage1.intensity.hu_scale=[1.1,0.9]", "stage1.intensity.gamma=[0,1]",
+                "stage1.intensity.hu_offset=[20,-20]", "stage1.intensity.window_jitter=0.9"):
+        with pytest.raises(ConfigError, match="stage1.intensity"):
+            load_train_config(None, [bad])
+    assert load_train_config(None, []).stage1.intensity.hu_scale == AugmentRanges().hu_scale
