@@ -29,7 +29,7 @@ SIZE = 32
 
 
 def readings(values_hu: np.ndarray, cfg, repeats: int, rng: np.random.Generator) -> np.ndarray:
-    """(len(values), repeats) HU each uniform slice reads per channel window after augmentation: (C, N, R)."""
+    """The HU each uniform slice of ``values_hu`` reads through each channel's window after augmentation: (C, N, R)."""
     windows = cfg.preprocess.channel_windows()
     lo = np.array([c - w / 2.0 for c, w in windows])[:, None]
     width = np.array([w for _, w in windows])[:, None]
