@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from node.preprocess import bolus_region
+from node.preprocess import BOLUS_FLOOR_HU, bolus_region
 from training.data import open_cache
 from training.models import slab_enhancement, study_enhancement
 
@@ -31,8 +31,8 @@ def study_statistics(slabs: np.ndarray, low: float, top: float) -> dict[str, flo
     """(N, H, W) PE-window bytes of one study, the window's ends in HU -> candidate enhancement statistics."""
     n = len(slabs)
     hu = low + bolus_region(slabs).astype(np.float32) / 255 * (top - low)
-    bright = hu[(hu > 120) & (hu < top - 1)]
-    out = {f"p{q} of 120-{top - 1:.0f} HU": float(np.percentile(bright, q)) if bright.size else 0.0
+    bright = hu[(hu > BOLUS_FLOOR_HU) & (hu < top - 1)]
+    out = {f"p{q} of {BOLUS_FLOOR_HU:.0f}-{top - 1:.0f} HU": float(np.percentile(bright, q)) if bright.size else 0.0
            for q in (50, 75, 90, 99)}
     out["fraction at the window's top"] = float((hu >= top - 1).mean())
     # what stage1.enhancement computes in the exported graph, per slab, and stage 2 averages

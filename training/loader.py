@@ -61,9 +61,7 @@ def augment(s: Stage1Settings, images: np.ndarray, mask: np.ndarray, labels: np.
     m = torch.from_numpy(mask).float() / 255.0
     if s.augment and s.augmentation == "full":
         x, m = geometry(x, m, rng, windows)
-        ranges = AugmentRanges(hu_scale=s.intensity.hu_scale, hu_offset=s.intensity.hu_offset,
-                               gamma=s.intensity.gamma, window_jitter=s.intensity.window_jitter,
-                               bolus_probability=s.bolus_probability)
+        ranges = AugmentRanges(**s.intensity.model_dump(), bolus_probability=s.bolus_probability)
         x = intensity(x, windows, rng, ranges)
     elif s.augment:
         x, m = flip_shift(x, m, rng)
