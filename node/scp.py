@@ -39,7 +39,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import reactor
+from node import pdu_reader, reactor
 from node.config import Config
 from node.errors import NodeError
 from node.file_meta import part10_header
@@ -235,8 +235,10 @@ class SharedPortListenerServer(ListenerServer):
 
 
 def wake_on_work(event) -> None:
-    """The association's two reactor threads wait for work instead of polling (node/reactor.py)."""
+    """The association's two reactor threads wait for work instead of polling (node/reactor.py), and its
+    DUL thread reads each PDU into one buffer (node/pdu_reader.py)."""
     reactor.install(event.assoc)
+    pdu_reader.install(event.assoc)
 
 
 def stop_waking(event) -> None:

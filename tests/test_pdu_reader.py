@@ -1,0 +1,84 @@
+"""The listener reads each PDU into one buffer: every byte, in order, however the kernel splits it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import types
+
+import pytest
+from pynetdicom import AE
+
+from conftest import free_port
+from node.config import load_config
+from node.pdu_reader import read_exactly
+from node.scp import start_scp
+from node.store import Store, database_url
+
+
+def _wrapper(sock: socket.socket):
+    return types.SimpleNamespace(socket=sock)
+
+
+def test_a_read_returns_every_byte_sent_in_small_pieces_with_pauses():
+    ours, theirs = socket.socketpair()
+    payload = os.urandom(300_000)
+
+    def trickle():
+        for start in range(0, len(payload), 7_001):  # pieces that fit no power of two
+            theirs.sendall(payload[start:start + 7_001])
+            if start % 70_010 == 0:
+                time.sleep(0.002)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        first = read_exactly(_wrapper(ours), 6)
+        rest = read_exactly(_wrapper(ours), len(payload) - 6)
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+    assert isinstance(first, bytearray) and bytes(first + rest) == payload
+
+
+def test_a_peer_that_closes_mid_pdu_gives_a_short_read_as_pynetdicom_expects():
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"\x04\x00" + b"x" * 998)
+    theirs.close()
+    try:
+        got = read_exactly(_wrapper(ours), 64_000)
+    finally:
+        ours.close()
+    assert bytes(got) == b"\x04\x00" + b"x" * 998  # pynetdicom compares the length and raises Evt17
+
+
+def test_a_read_timeout_propagates_unchanged():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.05)
+    try:
+        with pytest.raises(TimeoutError):
+            read_exactly(_wrapper(ours), 10)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_the_listeners_associations_read_with_it(tmp_path):
+    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
+                                                   f"node.port={free_port()}"])
+    (tmp_path / "var").mkdir()
+    server = start_scp(cfg, Store(database_url(cfg.storage.root)))
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
+        assert assoc.is_established
+        (theirs,) = server.active_associations
+        assert theirs.dul.socket.recv.__func__ is read_exactly
+        assert all(assoc.send_c_echo().Status == 0 for _ in range(5))
+        assoc.release()
+    finally:
+        server.shutdown()
