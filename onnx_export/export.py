@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from node.preprocess import PreprocessSpec, to_float
 from onnx_export import ExportError
 from onnx_export.graphs import export_stage1, export_stage2, tensor_infos
 from onnx_export.variants import convert_fp16, quantize_int8
+from training import provenance
 from training.config import TrainConfig, load_train_config
 from training.data import SliceCache, build_cache, read_datasets
 from training.engine import load_slice_net, load_study_net
@@ -114,15 +114,6 @@ def _calibration(cache: SliceCache, uids: list[str], n: int, seed: int) -> np.nd
     return to_float(cache.images[sorted(set(positives + others))])
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent, check=False)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
-
-
 def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: bool = True, fp16: bool = False,
                parity_studies: int = 8, check_studies: int = 16, calibration_slices: int = 256, threads: int = 2,
                command: str = "", say: Say = print) -> Manifest:
@@ -155,7 +146,8 @@ def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: b
         manifest = _build(tmp, cfg, report, splits, cache, slice_net, study_net, ckpt, spec, name=name,
                           version=version, int8=int8, fp16=fp16, parity_studies=parity_studies,
                           check_studies=check_studies, calibration_slices=calibration_slices, threads=threads,
-                          command=command, run_name=run_dir.name, say=say)
+                          command=command, run_name=run_dir.name,
+                          trained_at=provenance.recorded(run_dir), say=say)
         load_bundle(tmp)  # the node's own verification, before the bundle is put in place
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -169,7 +161,7 @@ def export_run(run_dir: Path, out_dir: Path, *, name: str, version: str, int8: b
 def _build(tmp: Path, cfg: TrainConfig, report: dict, splits: dict, cache: SliceCache, slice_net, study_net,
            ckpt: dict, spec: PreprocessSpec, *, name: str, version: str, int8: bool, fp16: bool,
            parity_studies: int, check_studies: int, calibration_slices: int, threads: int, command: str,
-           run_name: str, say: Say) -> Manifest:
+           run_name: str, trained_at: str | None, say: Say) -> Manifest:
     t0 = time.perf_counter()
     say("exporting stage 1 and stage 2 to ONNX")
     export_stage1(slice_net, spec, tmp / "stage1.onnx")
@@ -241,7 +233,9 @@ def _build(tmp: Path, cfg: TrainConfig, report: dict, splits: dict, cache: Slice
                              "feature_scores": cfg.stage1.feature_scores,
                              "enhancement": cfg.stage1.enhancement},
                   "stage2": {"rnn": cfg.stage2.rnn, "hidden": cfg.stage2.hidden, "inputs": cfg.stage2.inputs},
-                  "code_commit": _git_commit(), "export_command": command,
+                  # the code that trained it (recorded by the run; None for runs older than that record)
+                  "code_commit": trained_at, "export_commit": provenance.current_commit(),
+                  "export_command": command,
                   "export_seconds": round(time.perf_counter() - t0, 1)},
         parity=parity,
     )

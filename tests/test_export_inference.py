@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,14 @@ def test_export_writes_checked_onnx_files_with_symbolic_batch_and_length_and_a_m
     assert 0 <= op["threshold"] <= 1 and op["name"] == manifest["default_operating_point"]
     assert manifest["preprocess"]["size"] == 64 and manifest["preprocess"]["bolus_reference_hu"] == 350
     assert manifest["training"]["stage1"]["enhancement"] is True  # the recipe's stage 2 input, in the graph
+
+
+def test_the_manifest_names_the_commit_the_run_trained_at_not_only_the_one_it_was_exported_at(trained_run, bundle):
+    trained_at = (trained_run / "code_commit.txt").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", trained_at)  # this checkout is a git clone
+    training = json.loads((bundle / MANIFEST).read_text())["training"]
+    assert training["code_commit"] == trained_at
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", training["export_commit"])
 
 
 def test_onnxruntime_gives_the_torch_probability_for_a_study_it_never_saw(trained_run, bundle, tmp_path):

@@ -529,3 +529,15 @@ def test_compare_bundles_calls_a_change_better_only_when_the_paired_interval_is_
     assert "better" in compare(old, new, "--out", str(tmp_path / "roc.png")) and (tmp_path / "roc.png").is_file()
     assert "worse" in compare(new, old)
     assert "difference +0.000" in compare(old, same) and "not shown different" in compare(old, same)
+
+
+def test_a_run_keeps_the_commit_it_started_at_when_a_stage_is_resumed_later(tmp_path):
+    from training import provenance
+
+    provenance.record(tmp_path)
+    first = provenance.recorded(tmp_path)
+    assert first is not None and first.split("+")[0] == provenance.current_commit().split("+")[0]
+    (tmp_path / provenance.FILE).write_text("0" * 40 + "\n")  # as if the checkout had moved on since
+    provenance.record(tmp_path)  # a resumed stage
+    assert provenance.recorded(tmp_path) == "0" * 40
+    assert provenance.recorded(tmp_path / "elsewhere") is None  # a run from before the record: unknown

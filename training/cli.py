@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from node.cli_runner import run_app
-from training import TrainingError, distributed
+from training import TrainingError, distributed, provenance
 from training.config import TrainConfig, load_train_config
 from training.data import (
     SliceCache,
@@ -58,6 +58,7 @@ def _prepare(config: Path | None, run: Path, overrides: list[str] | None) -> tup
     run.mkdir(parents=True, exist_ok=True)
     if r.main:
         (run / "config.yaml").write_text(cfg.to_yaml())
+        provenance.record(run)
     own = read_rsna(cfg.data.root)
     parts = split_by_patient(own, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                              seed=cfg.data.split_seed)
