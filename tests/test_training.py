@@ -20,7 +20,7 @@ from training.cli import main as train_main
 from training.config import Stage1Settings, load_train_config
 from training.crops import MASK_ON, CropPlan, crop_batch, small_clot_spots
 from training.data import SliceCache, StudyRecord, build_cache, read_rsna, split_by_patient
-from training.engine import batch_loss, load_initial_weights, training_precision
+from training.engine import batch_loss, keeps_epoch, load_initial_weights, training_precision
 from training.evaluate import max_slice_auc
 from training.losses import attention_loss, cell_loss
 from training.metrics import bootstrap_auc, roc_auc, sensitivity_specificity, threshold_for_sensitivity
@@ -324,6 +324,15 @@ def test_petriage_train_runs_both_stages_end_to_end_on_a_tiny_dataset(tiny_datas
     assert features.shape == (10 * TINY.slices, 128) and np.isfinite(features).all()
     log = [json.loads(line) for line in (run / "stage1_log.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [1, 2] and all(np.isfinite(row["loss"]) for row in log)
+    # stage 2 keeps the epoch of the lowest validation loss; asked for the AUC, the highest validation AUC
+    for keep, pick in (("val_loss", lambda rows: min(rows, key=lambda r: r["val_loss"])),
+                       ("val_auc", lambda rows: max(rows, key=lambda r: (r["val_study_auc"], -r["val_loss"])))):
+        (run / "stage2_log.jsonl").unlink()
+        assert train_main(["stage2", "--run", str(run), *sum((["--set", o] for o in overrides), []),
+                           "--set", "stage2.epochs=8", "--set", f"stage2.keep={keep}"]) == 0
+        rows = [json.loads(line) for line in (run / "stage2_log.jsonl").read_text().splitlines()]
+        kept = torch.load(run / "stage2.pt", weights_only=False)
+        assert kept["epoch"] + 1 == pick(rows)["epoch"], (keep, rows)
 
 
 def test_petriage_train_refuses_a_bad_config_with_exit_code_2(tmp_path, capsys):
@@ -541,3 +550,20 @@ def test_a_run_keeps_the_commit_it_started_at_when_a_stage_is_resumed_later(tmp_
     provenance.record(tmp_path)  # a resumed stage
     assert provenance.recorded(tmp_path) == "0" * 40
     assert provenance.recorded(tmp_path / "elsewhere") is None  # a run from before the record: unknown
+
+
+def test_stage2_keeps_the_epoch_of_the_lowest_validation_loss_not_a_thousandth_of_auc_from_an_untrained_one():
+    # the twentieth run's stage 2, validation figures per epoch: its second epoch barely trained (loss 0.453)
+    # but led the AUC by 0.002, and being kept it squeezed every probability into 0.22-0.75
+    epochs = [(0.926, 0.541), (0.9282, 0.453), (0.925, 0.322), (0.926, 0.328), (0.926, 0.315), (0.926, 0.325)]
+
+    def kept(keep: str) -> int:
+        best_auc, best_loss, index = -1.0, float("inf"), -1
+        for i, (auc, loss) in enumerate(epochs):
+            if keeps_epoch(keep, auc, loss, best_auc, best_loss):
+                best_auc, best_loss, index = auc, loss, i
+        return index
+
+    assert kept("val_loss") == 4 and kept("val_auc") == 1
+    assert keeps_epoch("val_loss", float("nan"), float("nan"), 0.9, 0.3)  # no validation studies: the last stays
+    assert load_train_config(None).stage2.keep == "val_loss"

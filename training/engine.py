@@ -448,9 +448,18 @@ def study_scores(model: torch.nn.Module, seqs, device) -> np.ndarray:
         return np.array([torch.sigmoid(model(f[None].to(device))[0]).item() for f, _, _ in seqs])
 
 
+def keeps_epoch(keep: str, val_auc: float, val_loss: float, best_auc: float, best_loss: float) -> bool:
+    """Whether stage 2 keeps this epoch's weights over the ones kept so far (``stage2.keep``); an epoch
+    without validation figures (no validation studies) is always kept, so the last one stays."""
+    if keep == "val_loss":
+        return bool(np.isnan(val_loss) or val_loss < best_loss)
+    return bool(np.isnan(val_auc) or (val_auc, -val_loss) >= (best_auc, -best_loss))
+
+
 def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str]], run_dir: Path,
                  on_epoch: Callable[[dict], None] | None = None) -> Path:
-    """Train the sequence model on frozen stage-1 features; returns the best checkpoint (val study AUC)."""
+    """Train the sequence model on frozen stage-1 features; returns the checkpoint of the epoch ``stage2.keep``
+    chose (the lowest validation loss, or the highest validation study AUC)."""
     s = cfg.stage2
     device = pick_device(cfg.device)
     r = distributed.ranks()
@@ -509,7 +518,7 @@ def train_stage2(cfg: TrainConfig, cache: SliceCache, splits: dict[str, list[str
             if on_epoch:
                 on_epoch(row)
             progress.update(task, advance=1, description=f"loss {row['loss']:.3f} val AUC {val_auc:.3f}")
-            if np.isnan(val_auc) or (val_auc, -val_loss) >= (best, -best_loss):
+            if keeps_epoch(s.keep, val_auc, val_loss, best, best_loss):
                 best, best_loss = (val_auc if not np.isnan(val_auc) else best), val_loss
                 if r.main:
                     save_checkpoint(path, {"stage": "stage2", "epoch": epoch, "model": model.state_dict(),
