@@ -56,7 +56,12 @@ def test_results_wait_while_the_pacs_is_down_and_arrive_once_each_in_order_when_
         pacs.stop()
     assert [j[-1]["state"] for j in jobs.values()] == [JobState.DONE, JobState.DONE]
     copies = Counter(s.sop_instance_uid for s in pacs.received)
-    assert len(copies) == 14 and set(copies.values()) == {1}  # 2 x (SEG, SR, 3 SC + summary, KOS), none twice
+    written = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+               for f in (Path(cfg.storage.root) / "outbox").rglob("*.dcm")}
+    assert set(copies) == written and set(copies.values()) == {1}  # every result the worker wrote, none twice
+    for uid in uids:  # SR, KOS, 3 key images + summary; a SEG only where attention reached its floor
+        kinds = Counter(s.modality for s in pacs.of_study(uid))
+        assert {k: kinds[k] for k in ("SR", "KO", "OT")} == {"SR": 1, "KO": 1, "OT": 4} and kinds["SEG"] <= 1, kinds
     first_failure = {u: min(e["at"] for e in node.store.events_of(u) if e["kind"] == "send-retry") for u in uids}
     arrival = sorted(uids, key=lambda u: min(s.at for s in pacs.of_study(u)))
     assert arrival == sorted(uids, key=first_failure.__getitem__)  # the backlog leaves in the order it formed
