@@ -1,4 +1,5 @@
-"""The listener reads each PDU into one buffer: every byte, in order, however the kernel splits it."""
+"""The listener reads each PDU into one buffer: every byte, in order, however the kernel splits it
+(that the listener's associations use it: tests/test_scp.py, the reactor test)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import time
 import types
 
 import pytest
-from pynetdicom import AE
 
-from conftest import free_port
-from node.config import load_config
 from node.pdu_reader import read_exactly
-from node.scp import start_scp
-from node.store import Store, database_url
 
 
 def _wrapper(sock: socket.socket):
@@ -65,20 +61,3 @@ def test_a_read_timeout_propagates_unchanged():
         ours.close()
         theirs.close()
 
-
-def test_the_listeners_associations_read_with_it(tmp_path):
-    cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
-                                                   f"node.port={free_port()}"])
-    (tmp_path / "var").mkdir()
-    server = start_scp(cfg, Store(database_url(cfg.storage.root)))
-    try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
-        assert assoc.is_established
-        (theirs,) = server.active_associations
-        assert theirs.dul.socket.recv.__func__ is read_exactly
-        assert all(assoc.send_c_echo().Status == 0 for _ in range(5))
-        assoc.release()
-    finally:
-        server.shutdown()

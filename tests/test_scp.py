@@ -19,6 +19,7 @@ from conftest import SMALL, free_port, require_tool
 from node import reactor
 from node.config import Config, load_config
 from node.file_meta import part10_header
+from node.pdu_reader import read_exactly
 from node.phantom import PhantomOptions, generate_study, write_study
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, start_scp
 from node.spool import instance_path, sweep_partials, write_atomic
@@ -53,7 +54,7 @@ def test_echo_answers_success_to_an_allowed_caller(node):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_an_open_association_waits_for_work_instead_of_polling_and_answers_at_once(tmp_path):
+def test_an_open_association_waits_for_work_instead_of_polling_reads_pdus_whole_and_answers_at_once(tmp_path):
     cfg = load_config(None, environ={}, overrides=[f"storage.root={tmp_path / 'var'}", "node.host=127.0.0.1",
                                                    f"node.port={free_port()}"])
     (tmp_path / "var").mkdir()
@@ -76,6 +77,7 @@ def test_an_open_association_waits_for_work_instead_of_polling_and_answers_at_on
         (ours,) = server.active_associations
         waker = ours.dul._petriage_waker
         assert waker is ours._petriage_waker and not waker.closed
+        assert ours.dul.socket.recv.__func__ is read_exactly  # node/pdu_reader.py, not pynetdicom's 4 KB reads
         reactor._DulTime.sleep, reactor._AssociationTime.sleep = count("dul", dul_sleep), count("association",
                                                                                                   assoc_sleep)
         time.sleep(0.5)
