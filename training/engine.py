@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -448,7 +449,8 @@ def study_scores(model: torch.nn.Module, seqs, device) -> np.ndarray:
         return np.array([torch.sigmoid(model(f[None].to(device))[0]).item() for f, _, _ in seqs])
 
 
-def keeps_epoch(keep: str, val_auc: float, val_loss: float, best_auc: float, best_loss: float) -> bool:
+def keeps_epoch(keep: Literal["val_loss", "val_auc"], val_auc: float, val_loss: float, best_auc: float,
+                best_loss: float) -> bool:
     """Whether stage 2 keeps this epoch's weights over the ones kept so far (``stage2.keep``); an epoch
     without validation figures (no validation studies) is always kept, so the last one stays."""
     if keep == "val_loss":
