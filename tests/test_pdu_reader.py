@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import tracemalloc
 import types
 
 import pytest
@@ -61,3 +62,23 @@ def test_a_read_timeout_propagates_unchanged():
         ours.close()
         theirs.close()
 
+
+
+def test_a_pdu_that_claims_4_gib_allocates_only_about_what_arrives():
+    ours, theirs = socket.socketpair()
+
+    def send_and_close():
+        theirs.sendall(b"y" * 300_000)
+        theirs.close()
+
+    sender = threading.Thread(target=send_and_close)
+    tracemalloc.start()
+    sender.start()
+    try:
+        got = read_exactly(_wrapper(ours), 2**32 - 1)  # a PDU length field at its maximum
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        sender.join()
+        ours.close()
+    assert bytes(got) == b"y" * 300_000 and peak < 2 * 1024 * 1024
