@@ -133,11 +133,11 @@ def analyses_allowed(times: list[float]) -> int:
 
 
 def send(objects: list[tuple[str, str, bytes, bytes]], port: int, ae_title: str, tmp: Path,
-         sop_class: str, sent_at: list[float] | None = None) -> tuple[list[int], int]:
+         sop_class: str, sent_at: list[float] | None = None) -> tuple[list[int], list[str]]:
     """C-STORE every object (50 per association) as its bytes are; returns statuses (-1: no answer) and
-    the number of C-ECHOs that failed. ``sent_at`` gets each object's answer time (time.monotonic)."""
+    why each failed C-ECHO failed. ``sent_at`` gets each object's answer time (time.monotonic)."""
     statuses: list[int] = []
-    echo_failures = 0
+    echo_failures: list[str] = []
     previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, not a re-encoding
     path = tmp / "object.dcm"
@@ -163,10 +163,15 @@ def send(objects: list[tuple[str, str, bytes, bytes]], port: int, ae_title: str,
                     sent_at.append(time.monotonic())
             if assoc.is_established:
                 echo = assoc.send_c_echo()
-                echo_failures += int(not echo or echo.Status != 0)
+                if not echo:
+                    echo_failures.append(f"objects {lo}-{lo + 49}: no C-ECHO answer"
+                                         + ("" if assoc.is_established else ", the association ended"))
+                elif echo.Status != 0:
+                    echo_failures.append(f"objects {lo}-{lo + 49}: C-ECHO status 0x{int(echo.Status):04X}")
                 assoc.release()
             else:
-                echo_failures += 1
+                echo_failures.append(f"objects {lo}-{lo + 49}: the association had ended before the C-ECHO "
+                                     f"({'aborted' if assoc.is_aborted else 'not established'})")
     finally:
         pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
     return statuses, echo_failures
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "objects": len(objects), "studies": len(uids), "seconds_sending": round(seconds_sending, 1),
         "mutations": dict(Counter(kind for _, kind, _, _ in objects)),
         "statuses": {(f"0x{s:04X}" if s >= 0 else "no answer"): n for s, n in sorted(Counter(statuses).items())},
-        "acknowledged": len(acknowledged), "acknowledged_but_altered": altered, "echo_failures": echo_failures,
+        "acknowledged": len(acknowledged), "acknowledged_but_altered": altered,
+        "echo_failures": len(echo_failures), "echo_failure_reasons": echo_failures,
         "tracebacks_logged": counter.tracebacks, "traceback_examples": counter.examples,
         "jobs": dict(Counter(str(x["state"]) for x in all_jobs)), "internal_errors": len(internal),
         "internal_error_examples": internal[:5], "jobs_without_a_final_named_reason": len(unnamed),

@@ -124,7 +124,9 @@ def main() -> int:
             # storescu exits some time after its last image is acknowledged (the release, its own exit):
             # time the results from the node's record of the last image instead, on the same clock
             results_at = utcnow()
-            last_image_at = node.store.study(uid)["last_received_at"]
+            row = node.store.study(uid)
+            assert row is not None  # the results are in the PACS, so the node recorded the study
+            last_image_at = row["last_received_at"]
             t_from_last_image = (naive_utc(results_at) - naive_utc(last_image_at)).total_seconds()
             # what queued each analysis: a sender that stalls past the quiet period gets a partial study
             # analysed first, and the figure above would then not be last image -> results of the whole study
