@@ -235,9 +235,12 @@ class SharedPortListenerServer(ListenerServer):
 
 
 def wake_on_work(event) -> None:
-    """The association's two reactor threads wait for work instead of polling (node/reactor.py), and its
-    DUL thread reads each PDU into one buffer (node/pdu_reader.py)."""
+    """The association's two reactor threads wait for work instead of polling (node/reactor.py)."""
     reactor.install(event.assoc)
+
+
+def read_pdus_whole(event) -> None:
+    """The association's DUL thread reads each PDU into one buffer (node/pdu_reader.py)."""
     pdu_reader.install(event.assoc)
 
 
@@ -260,7 +263,8 @@ def start_scp(config: Config, store: Store, *, fsync: bool = True, on_status: Ca
                              urgent_values=tuple(config.triage.urgent_values), on_status=on_status, mark=mark,
                              recorder=recorder)
     handlers: list = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                      (evt.EVT_CONN_OPEN, wake_on_work), (evt.EVT_CONN_CLOSE, stop_waking)]
+                      (evt.EVT_CONN_OPEN, wake_on_work), (evt.EVT_CONN_OPEN, read_pdus_whole),
+                      (evt.EVT_CONN_CLOSE, stop_waking)]
     log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.host, config.node.port,
              " (DICOM TLS)" if tls else "")
     try:
